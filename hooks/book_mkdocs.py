@@ -1,0 +1,172 @@
+"""MkDocs hooks of the book: everything the site generates at build time.
+
+Nothing is written into docs/; generated files live in .cache/ and are added to the
+build as MkDocs files:
+
+* figures: a page that shows ``figures/ch01_backprop.plot_training.svg`` gets the SVG
+  drawn by calling ``plot_training()`` of code/ch01_backprop.py (matplotlib);
+* notebooks: each chapter as a Jupyter notebook, executed (mkdocs-jupyter renders it);
+* starters: each chapter's module with its exercise bodies removed;
+* MathJax: copied from the django-static-mathjax package, so math needs no CDN.
+
+Every chapter page gets a line of links to its notebook, Colab and its starter file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from mkdocs.plugins import event_priority
+from mkdocs.structure.files import File
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import book_pages  # noqa: E402
+import starter  # noqa: E402
+
+log = logging.getLogger("mkdocs.hooks.book")
+FIGURE_REF = re.compile(r"figures/(?P<module>ch\d\d_\w+)\.(?P<function>plot_\w+)\.svg")
+CHAPTERS = "chapters/"
+
+
+# ---------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------
+
+
+def _code_fingerprint() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(book_pages.CODE_DIR.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _fresh_module(name: str):
+    """Import code/<name>.py anew, so an edited plot is redrawn under `mkdocs serve`."""
+    sys.path.insert(0, str(book_pages.CODE_DIR))
+    try:
+        for loaded in [m for m in sys.modules if re.fullmatch(r"ch\d\d_\w+", m)]:
+            del sys.modules[loaded]  # its book imports too, so they are fresh as well
+        spec = importlib.util.spec_from_file_location(name, book_pages.CODE_DIR / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(book_pages.CODE_DIR))
+
+
+def draw_figure(module: str, function: str) -> Path:
+    """The SVG of ``module.function()``, drawn once per version of code/."""
+    out = book_pages.CACHE_DIR / "figures" / _code_fingerprint() / f"{module}.{function}.svg"
+    if out.exists():
+        return out
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matplotlib.rcParams["svg.hashsalt"] = "llm-from-scratch"  # reproducible SVG ids
+    log.info("drawing figure %s.%s()", module, function)
+    figure = getattr(_fresh_module(module), function)()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    figure.savefig(tmp, format="svg", bbox_inches="tight", metadata={"Date": None})
+    plt.close(figure)
+    os.replace(tmp, out)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Notebooks
+# ---------------------------------------------------------------------------
+
+
+def executed_notebook(page: Path) -> Path | None:
+    """The executed notebook of a page: from the cache that the tests fill, else run now."""
+    blocks = book_pages.page_blocks(page)
+    if not blocks:
+        return None
+    nb = book_pages.page_notebook(page, blocks)
+    path = book_pages.cached_notebook_path(page, nb)
+    if not path.exists():
+        log.info("executing the notebook of %s (not in .cache/notebooks)", page.name)
+        book_pages.save_executed(path, book_pages.execute_notebook(nb))
+    return path
+
+
+# ---------------------------------------------------------------------------
+# MkDocs events
+# ---------------------------------------------------------------------------
+
+
+STAGING = book_pages.CACHE_DIR / "site-files"  # generated files, as MkDocs source files
+
+
+def _add(files, config, uri: str, path: Path | None = None, content: str | None = None) -> None:
+    """Add a generated file at ``uri``, staged on disk so every plugin can read it
+    (mkdocs-jupyter reads notebooks from their source path)."""
+    staged = STAGING / uri
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    data = path.read_bytes() if path is not None else content.encode("utf-8")
+    if not staged.exists() or staged.read_bytes() != data:
+        staged.write_bytes(data)
+    files.append(
+        File(uri, src_dir=str(STAGING), dest_dir=config["site_dir"],
+             use_directory_urls=config["use_directory_urls"])
+    )
+
+
+@event_priority(100)  # before mkdocs-jupyter, which turns the .ipynb files into pages
+def on_files(files, config):
+    docs = Path(config["docs_dir"])
+
+    mathjax = Path(importlib.util.find_spec("mathjax").origin).parent / "static/mathjax/es5"
+    _add(files, config, "assets/mathjax/tex-svg.js", mathjax / "tex-svg.js")
+
+    figures = set()
+    for page in sorted(docs.rglob("*.md")):
+        for match in FIGURE_REF.finditer(page.read_text(encoding="utf-8")):
+            figures.add((match["module"], match["function"]))
+    for module, function in sorted(figures):
+        _add(files, config, f"figures/{module}.{function}.svg", draw_figure(module, function))
+
+    for page in sorted((docs / CHAPTERS).glob("*.md")):
+        notebook = executed_notebook(page)
+        if notebook is not None:
+            _add(files, config, f"notebooks/{page.stem}.ipynb", notebook)
+        module = book_pages.CODE_DIR / f"{page.stem}.py"
+        if module.exists() and starter.find_exercises(module.read_text(encoding="utf-8")):
+            _add(files, config, f"starters/{page.stem}.py", content=starter.starter_for(page.stem))
+    return files
+
+
+def on_page_markdown(markdown: str, page, config, files):
+    """Under a chapter's title: links to its notebook, Colab and starter file."""
+    if not page.file.src_uri.startswith(CHAPTERS):
+        return markdown
+    stem = Path(page.file.src_uri).stem
+    links = []
+    if files.get_file_from_path(f"notebooks/{stem}.ipynb"):
+        links.append(f"[:material-notebook-outline: Notebook with outputs](../notebooks/{stem}.ipynb)")
+        links.append(
+            f'<a href="../notebooks/{stem}/{stem}.ipynb" download>:material-download: Download .ipynb</a>'
+        )
+        repo = config["extra"]["repository"]
+        colab = f"https://colab.research.google.com/github/{repo}/blob/gh-pages/notebooks/{stem}/{stem}.ipynb"
+        links.append(f'<a href="{colab}">:simple-googlecolab: Open in Colab</a>')
+    if files.get_file_from_path(f"starters/{stem}.py"):
+        links.append(
+            f'<a href="../starters/{stem}.py" download>:material-pencil-outline: Starter file for the exercises</a>'
+        )
+    if not links:
+        return markdown
+    line = '<p class="book-links" markdown>' + " ".join(links) + "</p>"
+    title, sep, rest = markdown.partition("\n")
+    return f"{title}\n\n{line}\n{rest}" if title.startswith("# ") else f"{line}\n\n{markdown}"

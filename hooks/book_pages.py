@@ -1,0 +1,377 @@
+"""A page of the book as code: its python blocks, its notebook, and running them.
+
+The site build (book_mkdocs.py) and the tests (book_pytest.py) both use this module, so a
+page's code is expanded and run the same way in both places:
+
+* ``page_blocks(page)``: the page's ``python`` fences, with pymdownx.snippets expanded by
+  the Snippets preprocessor built from mkdocs.yml itself.
+* ``page_notebook(page)``: the page as a Jupyter notebook (jupytext), self-contained: a
+  setup cell per book module the page imports writes that module next to the notebook.
+* pytest runs a page's blocks in one kernel, one item per block, and stores the executed
+  notebook in .cache/notebooks/; the site build publishes that notebook (or executes it
+  itself when the cache has no copy), so CI runs each page once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS_DIR = ROOT / "docs"
+CODE_DIR = ROOT / "code"
+CACHE_DIR = ROOT / ".cache"
+NOTEBOOK_CACHE = CACHE_DIR / "notebooks"
+CACHE_VERSION = "1"  # bump to invalidate every cached notebook
+
+BOOK_MODULE_IMPORT = re.compile(r"^\s*(?:from|import)\s+(ch\d\d_\w+)", re.MULTILINE)
+SKIP_MARK = re.compile(r"""^pytest\.mark\.skip\(reason=(?P<q>["'])(?P<reason>.+)(?P=q)\)$""")
+
+
+# ---------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Block:
+    """One executed code fence of a page."""
+
+    lineno: int  # line of the opening fence in the page (1-based)
+    code: str  # with snippets expanded
+    skip_reason: str | None = None
+
+
+@functools.cache
+def _snippets():
+    """The pymdownx.snippets preprocessor configured exactly as in mkdocs.yml."""
+    import markdown
+    from mkdocs.config import load_config
+
+    config = load_config(str(ROOT / "mkdocs.yml"))
+    md = markdown.Markdown(
+        extensions=config["markdown_extensions"], extension_configs=config["mdx_configs"]
+    )
+    return md.preprocessors["snippet"]
+
+
+def expand_snippets(text: str) -> str:
+    """Inline every ``--8<--`` include of ``text`` as the site build does."""
+    return "\n".join(_snippets().run(text.split("\n")))
+
+
+def page_blocks(page: Path) -> list[Block]:
+    """The ``python`` blocks of a page, in order, parsed by pytest-codeblocks."""
+    from pytest_codeblocks import extract_from_buffer
+
+    raw = page.read_text(encoding="utf-8")
+    blocks = []
+    for block in extract_from_buffer(io.StringIO(raw)):
+        if block.syntax != "python":
+            continue  # bash, text, `python title=...` (shown, not run) and so on
+        blocks.append(
+            Block(
+                lineno=block.lineno,
+                code=expand_snippets(block.code).rstrip("\n"),
+                skip_reason=_skip_reason(block.marks, page, block.lineno),
+            )
+        )
+    return blocks
+
+
+def _skip_reason(marks: list[str], page: Path, lineno: int) -> str | None:
+    if not marks:
+        return None
+    match = SKIP_MARK.match(marks[0]) if len(marks) == 1 else None
+    if match is None:
+        raise ValueError(
+            f"{page}:{lineno}: a block may only opt out with one "
+            f'<!--pytest.mark.skip(reason="...")--> marker, found {marks}'
+        )
+    return match["reason"]
+
+
+# ---------------------------------------------------------------------------
+# Notebooks
+# ---------------------------------------------------------------------------
+
+ADMONITION = re.compile(r'^(?P<indent>\s*)(?:!!!|\?\?\?\+?|===)\s*(?P<kind>[\w-]*)\s*(?:"(?P<title>.*)")?\s*$')
+SKIP_COMMENT = re.compile(r"^\s*<!--\s*pytest\.mark\.skip.*-->\s*$")
+
+
+def _notebook_markdown(page: Path) -> str:
+    """The page as plain Markdown that jupytext reads: snippets expanded, admonitions and
+    tabs flattened (so fences inside them become cells), skip markers turned into the
+    ``skip-execution`` tag that nbclient honours."""
+    lines = page.read_text(encoding="utf-8").split("\n")
+    out: list[str] = []
+    dedent_stack: list[int] = []  # indentation of the admonitions we are inside
+    skip_next_fence = False
+    for line in lines:
+        indent = len(line) - len(line.lstrip())
+        while dedent_stack and line.strip() and indent < dedent_stack[-1] + 4:
+            dedent_stack.pop()
+        cut = dedent_stack[-1] + 4 if dedent_stack else 0
+        line = line[cut:] if line[:cut].strip() == "" else line.lstrip()
+        if SKIP_COMMENT.match(line):
+            skip_next_fence = True
+            continue
+        match = ADMONITION.match(line)
+        if match:
+            title = match["title"] or match["kind"].capitalize()
+            out.append(f"**{title}**" if title else "")
+            dedent_stack.append(indent)
+            continue
+        if skip_next_fence and line.strip() == "```python":
+            line = line.replace("```python", '```python tags=["skip-execution"]')
+            skip_next_fence = False
+        out.append(line)
+    # Figures: the rendered notebook lives at notebooks/<page>/, one folder deeper.
+    return expand_snippets("\n".join(out)).replace("](../figures/", "](../../figures/")
+
+
+def book_modules_needed(code: str) -> list[str]:
+    """Book modules that ``code`` imports, with their own book imports, dependencies first."""
+    ordered: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in ordered:
+            return
+        source = (CODE_DIR / f"{name}.py").read_text(encoding="utf-8")
+        for dep in BOOK_MODULE_IMPORT.findall(source):
+            if dep != name:
+                visit(dep)
+        ordered.append(name)
+
+    for name in BOOK_MODULE_IMPORT.findall(code):
+        if not (CODE_DIR / f"{name}.py").exists():
+            raise ValueError(f"the page imports {name}, but code/{name}.py does not exist")
+        visit(name)
+    return ordered
+
+
+def page_notebook(page: Path, blocks: list[Block] | None = None):
+    """The page as an (unexecuted) notebook whose code cells are exactly its blocks."""
+    import jupytext
+    import nbformat
+
+    blocks = page_blocks(page) if blocks is None else blocks
+    nb = jupytext.reads(_notebook_markdown(page), fmt="md")
+    for index, cell in enumerate(nb.cells):  # shell blocks are shown, not run
+        magic = re.match(r"%%(\w+)\n", cell.source) if cell.cell_type == "code" else None
+        if magic:
+            body = cell.source[magic.end():]
+            nb.cells[index] = nbformat.v4.new_markdown_cell(f"```{magic[1]}\n{body}\n```")
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    if [c.source.rstrip("\n") for c in code_cells] != [b.code for b in blocks]:
+        raise ValueError(
+            f"{page}: the notebook's code cells differ from the page's python blocks "
+            "(is a python fence nested somewhere the notebook conversion cannot see?)"
+        )
+    for cell, block in zip(code_cells, blocks):
+        cell.metadata["page_line"] = block.lineno
+        cell.metadata.pop("lines_to_next_cell", None)
+
+    modules = book_modules_needed("\n".join(b.code for b in blocks))
+    setup = [
+        nbformat.v4.new_code_cell(
+            f"%%writefile {name}.py\n" + (CODE_DIR / f"{name}.py").read_text(encoding="utf-8"),
+            metadata={"book_setup": True, "jupyter": {"source_hidden": True}},
+        )
+        for name in modules
+    ]
+    if setup:
+        note = nbformat.v4.new_markdown_cell(
+            "*Setup: the next cells write the book's modules that this chapter imports "
+            f"({', '.join(modules)}) next to the notebook, so it runs anywhere.*"
+        )
+        nb.cells[1:1] = [note, *setup]  # after the title cell
+    nb.metadata = {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+    }
+    for number, cell in enumerate(nb.cells):
+        cell["id"] = f"cell-{number}"  # deterministic ids: the cache key is the content
+    return nb
+
+
+def notebook_key(nb) -> str:
+    import nbformat
+
+    text = CACHE_VERSION + nbformat.writes(nb)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def cached_notebook_path(page: Path, nb) -> Path:
+    return NOTEBOOK_CACHE / f"{page.stem}-{notebook_key(nb)}.ipynb"
+
+
+def save_executed(path: Path, nb) -> None:
+    """Write atomically, so a killed run never leaves a half-written cache entry."""
+    import nbformat
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    nbformat.write(nb, tmp)
+    os.replace(tmp, path)
+
+
+class PageKernel:
+    """One Jupyter kernel running a notebook's cells, in a fresh temporary folder."""
+
+    def __init__(self, nb):
+        from nbclient import NotebookClient
+
+        self.workdir = tempfile.mkdtemp(prefix="book-page-")
+        self.client = NotebookClient(
+            nb,
+            timeout=900,
+            kernel_name="python3",
+            resources={"metadata": {"path": self.workdir}},
+        )
+        self.client.km = self.client.create_kernel_manager()
+        self.client.start_new_kernel(env={**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline"})
+        self.client.start_new_kernel_client()
+
+    def run(self, index: int) -> None:
+        """Execute cell ``index``; raises nbclient's CellExecutionError on an error."""
+        cell = self.client.nb.cells[index]
+        self.client.execute_cell(cell, index, execution_count=None)
+
+    def close(self) -> None:
+        self.client._cleanup_kernel()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def execute_notebook(nb):
+    """Run every cell (skip-execution cells excepted); fail on the first error."""
+    kernel = PageKernel(nb)
+    try:
+        for index, cell in enumerate(nb.cells):
+            if cell.cell_type == "code":
+                kernel.run(index)
+    finally:
+        kernel.close()
+    return nb
+
+
+# ---------------------------------------------------------------------------
+# pytest: a page is a file of test items, one per block
+# ---------------------------------------------------------------------------
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_page_stats: dict[str, Counter] = defaultdict(Counter)
+
+try:
+    import pytest
+except ImportError:  # the site build does not need pytest
+    pytest = None
+
+if pytest is not None:
+
+    class PageFile(pytest.File):
+        """A page of docs/: collects its python blocks; runs them in one kernel."""
+
+        def collect(self):
+            self.blocks = page_blocks(self.path)
+            if not self.blocks:
+                return
+            self.notebook = page_notebook(self.path, self.blocks)
+            self.failed_line: int | None = None
+            self.kernel: PageKernel | None = None
+            self.ran_all = True
+            code_indexes = [
+                i
+                for i, cell in enumerate(self.notebook.cells)
+                if cell.cell_type == "code" and not cell.metadata.get("book_setup")
+            ]
+            for block, index in zip(self.blocks, code_indexes):
+                yield BlockItem.from_parent(
+                    self, name=f"line {block.lineno}", block=block, cell_index=index
+                )
+
+        def setup(self):
+            self.kernel = PageKernel(self.notebook)
+            for index, cell in enumerate(self.notebook.cells):
+                if cell.metadata.get("book_setup"):
+                    self.kernel.run(index)  # write the book modules the page imports
+
+        def teardown(self):
+            if self.kernel is not None:
+                self.kernel.close()
+            items = [i for i in self.session.items if i.parent is self]
+            if self.failed_line is None and self.ran_all and len(items) == len(self.blocks):
+                fresh = page_notebook(self.path, self.blocks)  # the unexecuted one: the cache key
+                save_executed(cached_notebook_path(self.path, fresh), self.notebook)
+
+    class BlockError(Exception):
+        pass
+
+    class BlockItem(pytest.Item):
+        """One python block of a page."""
+
+        def __init__(self, *, block: Block, cell_index: int, **kwargs):
+            super().__init__(**kwargs)
+            self.block = block
+            self.cell_index = cell_index
+            if block.skip_reason:
+                self.add_marker(pytest.mark.skip(reason=f"line {block.lineno}: {block.skip_reason}"))
+
+        def runtest(self):
+            page = self.parent
+            if page.failed_line is not None:
+                page.ran_all = False
+                pytest.skip(f"not run: the block at line {page.failed_line} of this page failed")
+            from nbclient.exceptions import CellExecutionError
+
+            try:
+                page.kernel.run(self.cell_index)
+            except CellExecutionError as error:
+                page.failed_line = self.block.lineno
+                raise BlockError(ANSI.sub("", str(error))) from None
+            except BaseException:
+                page.failed_line = self.block.lineno
+                raise
+
+        def repr_failure(self, excinfo):
+            where = f"{self.path.relative_to(ROOT)}:{self.block.lineno}"
+            if excinfo.errisinstance(BlockError):
+                return f"code block at {where} failed:\n{excinfo.value}"
+            return f"code block at {where}: {super().repr_failure(excinfo)}"
+
+        def reportinfo(self):
+            return self.path, self.block.lineno - 1, f"code block at line {self.block.lineno}"
+
+    def record_report(report) -> None:
+        """Count a block's outcome for the per-page summary (pytest_runtest_logreport)."""
+        path, _, rest = report.nodeid.partition("::")
+        if not (path.endswith(".md") and rest.startswith("line ")):
+            return
+        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+            _page_stats[path][report.outcome] += 1
+
+    def report_page_summary(terminalreporter) -> None:
+        if not _page_stats:
+            return
+        terminalreporter.section("code blocks of the book's pages")
+        total = Counter()
+        for path in sorted(_page_stats):
+            stats = _page_stats[path]
+            total += stats
+            terminalreporter.write_line(
+                f"{path}: {sum(stats.values())} blocks: {stats['passed']} passed, "
+                f"{stats['failed']} failed, {stats['skipped']} skipped"
+            )
+        terminalreporter.write_line(
+            f"all pages: {sum(total.values())} blocks: {total['passed']} passed, "
+            f"{total['failed']} failed, {total['skipped']} skipped"
+        )
