@@ -88,16 +88,32 @@ def draw_figure(module: str, function: str) -> Path:
 # ---------------------------------------------------------------------------
 
 
+_serving = False  # under `mkdocs serve`, an edit must not wait for a notebook to run
+
+
+def on_startup(command, dirty):
+    global _serving
+    _serving = command == "serve"
+
+
 def executed_notebook(page: Path) -> Path | None:
-    """The executed notebook of a page: from the cache that the tests fill, else run now."""
+    """The executed notebook of a page: from the cache that the tests fill, else run now.
+
+    Under `mkdocs serve`, an older executed notebook of the page is shown instead, if there
+    is one, so editing a page stays fast; `mkdocs build` and the tests always run it."""
     blocks = book_pages.page_blocks(page)
     if not blocks:
         return None
     nb = book_pages.page_notebook(page, blocks)
     path = book_pages.cached_notebook_path(page, nb)
-    if not path.exists():
-        log.info("executing the notebook of %s (not in .cache/notebooks)", page.name)
-        book_pages.save_executed(path, book_pages.execute_notebook(nb))
+    if path.exists():
+        return path
+    older = sorted(book_pages.NOTEBOOK_CACHE.glob(f"{page.stem}-*.ipynb"), key=lambda p: p.stat().st_mtime)
+    if _serving and older:
+        log.info("showing an older run of the notebook of %s (run pytest to refresh it)", page.name)
+        return older[-1]
+    log.info("executing the notebook of %s (not in .cache/notebooks)", page.name)
+    book_pages.save_executed(path, book_pages.execute_notebook(nb))
     return path
 
 
