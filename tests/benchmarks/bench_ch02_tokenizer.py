@@ -1,0 +1,191 @@
+"""Benchmark of Chapter 2: BPE training and encoding speed, beside the reference libraries.
+
+Run by hand from the repository root (not collected by pytest):
+
+    python tests/benchmarks/bench_ch02_tokenizer.py [--data PATH] [--repeats 3] [--only train]
+
+1. Training on Tiny Shakespeare at vocabulary 1024 and 4096: our ``train_bpe`` and Hugging
+   Face ``tokenizers``' byte-level BPE trainer (its default threads, and one thread), each run
+   in a fresh process so its peak memory (max RSS) is its own. Median of ``--repeats`` runs,
+   the implementations alternating, so background load hits them alike.
+2. Encoding throughput (MB/s) on the same text: our pure-Python encoder (cold cache and warm),
+   the ``tiktoken.Encoding`` built from our ranks, and tiktoken's own encoding on the same
+   ranks (GPT-2), all checked to give identical ids.
+
+The text is ../shared/data/tinyshakespeare.txt (beside the repository), or --data. Its public
+address: https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "code"))
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def read_corpus(path: Path) -> str:
+    if not path.exists():
+        sys.exit(f"{path} not found: download Tiny Shakespeare from {URL} (sha256 {SHA256}) "
+                 "and pass --data")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != SHA256:
+        sys.exit(f"{path}: unexpected sha256, not the Tiny Shakespeare of {URL}")
+    return data.decode("utf-8")
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def train_once(impl: str, vocab_size: int, path: Path) -> dict:
+    """One training run in this process: seconds, and max RSS before/after (MB)."""
+    text = read_corpus(path)
+    if impl == "ours":
+        import ch02_tokenizer as ch
+
+        before = max_rss_mb()
+        start = time.perf_counter()
+        tok = ch.train_bpe(text, vocab_size)
+        seconds = time.perf_counter() - start
+        size = tok.vocab_size
+    else:
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        before = max_rss_mb()
+        start = time.perf_counter()
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator([text], trainer=trainer)
+        seconds = time.perf_counter() - start
+        size = tok.get_vocab_size()
+    return {"seconds": seconds, "rss_before": before, "rss_peak": max_rss_mb(), "size": size}
+
+
+def train_in_subprocess(impl: str, vocab_size: int, path: Path) -> dict:
+    env = dict(os.environ)
+    if impl == "hf-1thread":
+        env["RAYON_NUM_THREADS"] = "1"
+        env["TOKENIZERS_PARALLELISM"] = "false"
+    out = subprocess.run([sys.executable, __file__, "--train-once", impl.split("-")[0],
+                          str(vocab_size), "--data", str(path)],
+                         env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def bench_training(path: Path, repeats: int) -> None:
+    impls = ["ours", "hf", "hf-1thread"]
+    print("\n== BPE training on Tiny Shakespeare (1.1 MB), fresh process per run ==")
+    print(f"{'vocab':>6} {'implementation':<22} {'median s':>9} {'min s':>7} "
+          f"{'peak RSS MB':>12} {'RSS growth MB':>14}")
+    for vocab_size in (1024, 4096):
+        runs = {impl: [] for impl in impls}
+        for _ in range(repeats):
+            for impl in impls:  # alternate, so background load is shared fairly
+                runs[impl].append(train_in_subprocess(impl, vocab_size, path))
+        medians = {}
+        for impl in impls:
+            seconds = [r["seconds"] for r in runs[impl]]
+            medians[impl] = statistics.median(seconds)
+            peak = max(r["rss_peak"] for r in runs[impl])
+            growth = max(r["rss_peak"] - r["rss_before"] for r in runs[impl])
+            label = {"ours": "ours (train_bpe)", "hf": "HF tokenizers",
+                     "hf-1thread": "HF tokenizers 1 thread"}[impl]
+            print(f"{vocab_size:>6} {label:<22} {medians[impl]:>9.3f} {min(seconds):>7.3f} "
+                  f"{peak:>12.0f} {growth:>14.0f}")
+        print(f"{'':>6} ratio ours / HF: {medians['ours'] / medians['hf']:.2f}x "
+              f"(vs 1 thread: {medians['ours'] / medians['hf-1thread']:.2f}x)")
+
+
+def vocabulary_overlap(text: str, vocab_size: int) -> float:
+    """Share of HF's learned tokens that our trainer learned too (a sanity check)."""
+    import ch02_tokenizer as ch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    ours = set(ch.train_bpe(text, vocab_size).ranks)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer=trainer)
+    byte_of = {c: b for b, c in ch.bytes_to_unicode().items()}
+    theirs = {bytes(byte_of[c] for c in token) for token in tok.get_vocab()}
+    return len(ours & theirs) / len(theirs)
+
+
+def throughput(encode, text: str, repeats: int) -> tuple[float, list[int]]:
+    """Best MB/s over ``repeats`` runs, and the ids."""
+    best, ids = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ids = encode(text)
+        best = min(best, time.perf_counter() - start)
+    return len(text.encode("utf-8")) / best / 1e6, ids
+
+
+def bench_encoding(text: str, repeats: int) -> None:
+    import ch02_tokenizer as ch
+
+    print("\n== Encoding throughput on Tiny Shakespeare (best of runs, one thread) ==")
+    gpt2 = ch.load_gpt2()
+    trained = ch.train_bpe(text, 4096)
+    official = ch.official_encoding("gpt2")
+    rows = []
+    for name, tok, reference in [("GPT-2 ranks", gpt2, official),
+                                 ("our 4096 vocab", trained, None)]:
+        cold_tok = ch.Tokenizer(tok.ranks, tok.pattern, tok.special_tokens)
+        cold, ids = throughput(cold_tok.encode_ordinary, text, 1)  # empty cache, first pass
+        warm, ids_warm = throughput(tok.encode_ordinary, text, repeats)
+        ours_tt, ids_tt = throughput(tok.to_tiktoken().encode_ordinary, text, repeats)
+        assert ids == ids_warm == ids_tt
+        rows += [(name, "ours, pure Python, cold cache", cold),
+                 (name, "ours, pure Python, warm cache", warm),
+                 (name, "tiktoken.Encoding(our ranks)", ours_tt)]
+        if reference is not None:
+            ref, ids_ref = throughput(reference.encode_ordinary, text, repeats)
+            assert ids_ref == ids
+            rows.append((name, "tiktoken's own get_encoding", ref))
+    for name, label, mbs in rows:
+        print(f"{name:<16} {label:<32} {mbs:>8.2f} MB/s")
+    print(f"(GPT-2 ids identical across all four; {len(ids)} tokens for "
+          f"{len(text.encode('utf-8')):,} bytes with the 4096 vocabulary)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["train", "encode"], help="run one part only")
+    parser.add_argument("--train-once", nargs=2, metavar=("IMPL", "VOCAB"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.train_once:
+        print(json.dumps(train_once(args.train_once[0], int(args.train_once[1]), args.data)))
+        return
+    text = read_corpus(args.data)
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f} (other work on the machine adds noise)")
+    if args.only != "encode":
+        bench_training(args.data, args.repeats)
+        for vocab_size in (1024, 4096):
+            print(f"vocab {vocab_size}: {vocabulary_overlap(text, vocab_size):.1%} of the tokens "
+                  "HF learned are also in ours")
+    if args.only != "train":
+        bench_encoding(text, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
