@@ -1,0 +1,713 @@
+"""Chapter 8: training a language model.
+
+The loss (cross-entropy, perplexity, bits per byte), AdamW written from scratch, the
+warmup + cosine learning-rate schedule, gradient clipping and accumulation, mixed
+precision chosen per device, token data and batches, atomic checkpoints that resume
+exactly, and a command-line trainer for the GPT of chapter 6:
+
+    python code/ch08_training.py --data shakespeare --out-dir runs/shakespeare
+
+Depends on torch, numpy (token files), the standard library and chapters 1, 2 and 6.
+safetensors (checkpoints), tqdm (progress bar) and matplotlib (plots) are imported where
+they are used.
+"""
+
+# --8<-- [start:imports]
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+import tomllib
+import urllib.request
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ch01_backprop import cross_entropy
+from ch02_tokenizer import (load_token_file, python_docs_text, split_train_val, write_atomically,
+                            write_token_file)
+from ch06_gpt import GPT, GPTConfig
+# --8<-- [end:imports]
+
+
+# ---------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------
+
+# --8<-- [start:loss]
+def lm_loss(logits, targets):
+    """Mean cross-entropy of next-token predictions: logits (B, T, V), targets (B, T)."""
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
+    return cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def naive_cross_entropy(logits, targets):
+    """softmax, then log: correct on paper, but exp overflows for large logits."""
+    probs = logits.exp() / logits.exp().sum(dim=-1, keepdim=True)
+    return -probs[torch.arange(len(targets)), targets].log().mean()
+
+
+def perplexity(loss):
+    """e^loss: the number of equally likely tokens the model is as unsure as."""
+    return math.exp(loss)
+
+
+def bits_per_byte(loss, n_tokens, n_bytes):
+    """Mean loss in nats per token -> bits per byte of text, comparable across tokenizers."""
+    return loss * n_tokens / (n_bytes * math.log(2))
+# --8<-- [end:loss]
+
+
+# ---------------------------------------------------------------------------
+# AdamW from scratch
+# ---------------------------------------------------------------------------
+
+# --8<-- [start:exercise-1]
+# Exercise 1: one AdamW update
+def adamw_update(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    """Update param, m and v in place for AdamW step number ``step`` (1, 2, ...).
+
+    m and v are the running averages of the gradient and of its square. Correct their
+    bias towards 0 by dividing by 1 - beta**step, shrink the parameter by lr *
+    weight_decay (decoupled weight decay), then move it by lr * m_hat / (sqrt(v_hat) + eps).
+    """
+    m.mul_(beta1).add_(grad, alpha=1 - beta1)  # m = b1 m + (1 - b1) g
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v = b2 v + (1 - b2) g^2
+    m_hat = m / (1 - beta1**step)
+    v_hat = v / (1 - beta2**step)
+    param.mul_(1 - lr * weight_decay)  # decay the weight itself, not the gradient
+    param.addcdiv_(m_hat, v_hat.sqrt().add_(eps), value=-lr)
+# --8<-- [end:exercise-1]
+
+
+# --8<-- [start:adamw]
+class AdamW(torch.optim.Optimizer):
+    """Adam with decoupled weight decay (Loshchilov and Hutter), as torch.optim.AdamW."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"invalid AdamW settings: lr={lr}, betas={betas}, eps={eps}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:  # first step: moments start at zero
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"].item(),
+                             group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+
+
+def param_groups(model, weight_decay):
+    """Decay matrices (weights, embeddings); leave biases and norm gains alone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+# --8<-- [end:adamw]
+
+
+# ---------------------------------------------------------------------------
+# Learning-rate schedule, clipping, accumulation
+# ---------------------------------------------------------------------------
+
+# --8<-- [start:exercise-2]
+# Exercise 2: linear warmup, then cosine decay
+def lr_at(step, max_lr, min_lr, warmup_steps, decay_steps):
+    """The learning rate at ``step`` (0-based).
+
+    Rise linearly from max_lr / warmup_steps (step 0) to max_lr (step warmup_steps - 1),
+    then follow half a cosine from there down to min_lr, reached at step decay_steps, and
+    stay at min_lr after that.
+    """
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - warmup_steps + 1) / (decay_steps - warmup_steps + 1)  # 0 -> 1
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+# --8<-- [end:exercise-2]
+
+
+# --8<-- [start:clip]
+def clip_grad_norm(parameters, max_norm):
+    """Scale all gradients together so their global L2 norm is at most max_norm.
+
+    Returns the norm before clipping. Scaling every gradient by the same factor keeps the
+    update's direction and only shortens it."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale)
+    return total
+# --8<-- [end:clip]
+
+
+# --8<-- [start:exercise-3]
+# Exercise 3: gradient accumulation
+def accumulate_gradients(model, micro_batches):
+    """Backpropagate the mean loss over several micro-batches of equal size.
+
+    micro_batches is a list of (x, y) pairs. Leave in .grad exactly the gradient of the
+    loss of one batch made of all of them, and return that loss as a float. Hint: the
+    mean over k equal micro-batches is the sum of their means divided by k.
+    """
+    total = 0.0
+    for x, y in micro_batches:
+        _, loss = model(x, y)
+        (loss / len(micro_batches)).backward()  # gradients add up across backward calls
+        total += loss.item() / len(micro_batches)
+    return total
+# --8<-- [end:exercise-3]
+
+
+# ---------------------------------------------------------------------------
+# Mixed precision
+# ---------------------------------------------------------------------------
+
+# --8<-- [start:precision]
+def float_formats():
+    """Range and precision of the floating-point formats used in training."""
+    rows = {}
+    for name, dtype in [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)]:
+        info = torch.finfo(dtype)
+        rows[name] = dict(bits=info.bits, max=info.max, smallest_normal=info.tiny, epsilon=info.eps)
+    return rows
+
+
+def matmul_gflops(dtype, device="cpu", n=256, repeats=3):
+    """Measured throughput of an n x n matrix product in GFLOP/s (2 n^3 flops each)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def seconds(count):
+        start = time.perf_counter()
+        for _ in range(count):
+            a @ b
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    seconds(2)  # warm up
+    count = max(1, int(0.02 / max(seconds(1), 1e-6)))  # about 20 ms per timing
+    best = min(seconds(count) for _ in range(repeats))
+    return 2 * n**3 * count / best / 1e9
+
+
+def choose_precision(device):
+    """(autocast dtype or None, whether to scale the loss) for training on ``device``.
+
+    CUDA: bf16 where the GPU supports it (fp32's range, so no loss scaling), else fp16 with
+    a GradScaler. CPU: fp32. Measured on the book's small models, bf16 autocast made a
+    training step slower on both CPUs tried: 2x on one without native bf16, and 1.5x even on
+    one whose bf16 matrix products are 3x faster (the casts cost more than they save).
+    Pass --precision bf16 to try it on yours."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, False
+        return torch.float16, True
+    return None, False
+
+
+def autocast(device, dtype):
+    """torch.autocast for the device, or nothing when training in full precision."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+# --8<-- [end:precision]
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+# --8<-- [start:char-tokenizer]
+class CharTokenizer:
+    """One token per character of a fixed alphabet (nanoGPT's Shakespeare baseline)."""
+
+    def __init__(self, chars):
+        self.chars = sorted(set(chars))
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text):
+        return cls(set(text))
+
+    @property
+    def vocab_size(self):
+        return len(self.chars)
+
+    def encode(self, text):
+        try:
+            return [self.index[c] for c in text]
+        except KeyError as error:
+            raise ValueError(f"character {error.args[0]!r} is not in the alphabet") from None
+
+    def decode(self, ids):
+        if any(not 0 <= i < len(self.chars) for i in ids):
+            raise ValueError(f"token ids must lie in [0, {len(self.chars)})")
+        return "".join(self.chars[i] for i in ids)
+# --8<-- [end:char-tokenizer]
+
+
+# --8<-- [start:corpus]
+TINY_SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+CACHE_DIR = Path(os.environ.get("LLM_FROM_SCRATCH_CACHE", Path.home() / ".cache" / "llm-from-scratch"))
+
+
+def fetch(url, sha256, path):
+    """Download ``url`` to ``path`` once, verify its SHA-256, write it atomically."""
+    path = Path(path)
+    if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+        return path
+    with urllib.request.urlopen(url, timeout=30) as response:
+        data = response.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"{url}: SHA-256 {digest} does not match the expected {sha256}")
+    write_atomically(path, data)
+    return path
+
+
+def load_corpus(name="python-docs"):
+    """The text to train on: "python-docs" (ships with Python, no download),
+    "shakespeare" (Tiny Shakespeare, downloaded once and cached), or a file path."""
+    if name == "python-docs":
+        return python_docs_text()
+    if name == "shakespeare":
+        try:
+            path = fetch(TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256, CACHE_DIR / "tinyshakespeare.txt")
+        except (OSError, ValueError) as error:  # offline, or a corrupted download
+            warnings.warn(f"could not get Tiny Shakespeare ({error}); training on the Python "
+                          "documentation that ships with Python instead")
+            return python_docs_text()
+        return path.read_text(encoding="utf-8")
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"no corpus named {name!r}: use python-docs, shakespeare or a text file")
+    return path.read_text(encoding="utf-8")
+# --8<-- [end:corpus]
+
+
+# --8<-- [start:batches]
+def get_batch(data, block_size, batch_size, generator, device="cpu"):
+    """Random windows of a token array: x (B, T) and the next tokens y (B, T)."""
+    if len(data) <= block_size:
+        raise ValueError(f"{len(data)} tokens are too few for windows of {block_size + 1}")
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    windows = np.stack([np.asarray(data[s : s + block_size + 1], dtype=np.int64) for s in starts.tolist()])
+    windows = torch.from_numpy(windows).to(device)  # (B, T + 1)
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # y: x shifted by one
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Non-overlapping windows of a token array, for torch.utils.data.DataLoader."""
+
+    def __init__(self, data, block_size):
+        self.data, self.block_size = data, block_size
+
+    def __len__(self):
+        return (len(self.data) - 1) // self.block_size
+
+    def __getitem__(self, i):
+        start = i * self.block_size
+        window = torch.from_numpy(np.asarray(self.data[start : start + self.block_size + 1], dtype=np.int64))
+        return window[:-1], window[1:]
+# --8<-- [end:batches]
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: atomic, pickle-free, complete
+# ---------------------------------------------------------------------------
+
+# --8<-- [start:checkpoint]
+def save_checkpoint(path, model, optimizer, step, generator, meta):
+    """Model, optimizer moments, step, random states and ``meta`` in one safetensors file."""
+    from safetensors.torch import save
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    optim = optimizer.state_dict()
+    for index, state in optim["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.batches"] = generator.get_state()
+    info = dict(meta, step=step, param_groups=optim["param_groups"])
+    # tied weights share storage: safetensors wants each stored once
+    tensors = _untie(tensors)
+    write_atomically(path, save(tensors, metadata={"book": json.dumps(info)}))
+
+
+def _untie(tensors):
+    seen = {}
+    for key, value in tensors.items():
+        ptr = (value.data_ptr(), value.shape)
+        if ptr in seen:
+            tensors[key] = value.clone()
+        seen[ptr] = key
+    return tensors
+
+
+def load_checkpoint(path, model, optimizer=None, generator=None):
+    """Restore what save_checkpoint wrote; returns its metadata (with "step").
+
+    safetensors holds only tensors and JSON: loading it cannot run code, unlike a pickle."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        tensors = load(data)
+        info = json.loads(_safetensors_metadata(data)["book"])
+    except (SafetensorError, KeyError, ValueError, OSError) as error:
+        raise ValueError(f"{path} is not a checkpoint of this book (safetensors): {error}") from None
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if optimizer is not None:
+        state = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if generator is not None:
+        generator.set_state(tensors["rng.batches"])
+    return info
+
+
+def _safetensors_metadata(data: bytes):
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+# --8<-- [end:checkpoint]
+
+
+# ---------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------
+
+# --8<-- [start:train-config]
+@dataclasses.dataclass
+class TrainConfig:
+    # data
+    data: str = "python-docs"  # python-docs | shakespeare | path to a text file
+    val_fraction: float = 0.1
+    # model (chapter 6)
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear and LayerNorm (nanoGPT's recipe has none)
+    positions: str = "learned"  # or "rope" (chapter 3)
+    mlp: str = "gelu"  # nanoGPT's exact GELU; or "gelu_tanh", "relu", "swiglu" (chapter 5)
+    # optimisation
+    batch_size: int = 12
+    grad_accum: int = 1
+    max_iters: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    decay_iters: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    # evaluation, samples, checkpoints
+    eval_interval: int = 250
+    eval_iters: int = 200
+    sample_tokens: int = 200
+    out_dir: str = "runs/default"
+    # machine
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: bool = False
+    seed: int = 1337
+    progress: bool = True
+# --8<-- [end:train-config]
+
+
+# --8<-- [start:estimate-loss]
+@torch.no_grad()
+def estimate_loss(model, data, cfg, device, amp_dtype):
+    """Mean loss over cfg.eval_iters random batches, drawn with their own fixed seed so
+    that evaluating never changes the training batches that follow."""
+    model.eval()
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    losses = []
+    for _ in range(cfg.eval_iters):
+        x, y = get_batch(data, cfg.block_size, cfg.batch_size, generator, device)
+        with autocast(device, amp_dtype):
+            _, loss = model(x, y)
+        losses.append(loss.item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def sample(model, start_ids, n_tokens, block_size, generator, temperature=1.0):
+    """Draw n_tokens from the model, one at a time (chapter 9 does this properly)."""
+    ids = torch.tensor([start_ids], device=next(model.parameters()).device)
+    for _ in range(n_tokens):
+        logits, _ = model(ids[:, -block_size:])
+        probs = torch.softmax(logits[0, -1].float() / temperature, dim=-1).cpu()
+        next_id = torch.multinomial(probs, 1, generator=generator)
+        ids = torch.cat([ids, next_id.to(ids.device).view(1, 1)], dim=1)
+    return ids[0, len(start_ids) :].tolist()
+# --8<-- [end:estimate-loss]
+
+
+# --8<-- [start:prepare]
+def prepare_data(cfg):
+    """Tokenize the corpus (one token per character), write train/val token files."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = load_corpus(cfg.data)
+    tokenizer = CharTokenizer.from_text(text)
+    ids = tokenizer.encode(text)
+    train_ids, val_ids = split_train_val(ids, cfg.val_fraction)
+    write_token_file(train_ids, out / "train.npy", tokenizer.vocab_size)
+    write_token_file(val_ids, out / "val.npy", tokenizer.vocab_size)
+    write_atomically(out / "tokenizer.json", json.dumps({"chars": tokenizer.chars}).encode())
+    return tokenizer, load_token_file(out / "train.npy"), load_token_file(out / "val.npy")
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name, device):
+    """(autocast dtype or None, scale the loss?) from the --precision flag."""
+    if name == "auto":
+        return choose_precision(device)
+    return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[name]
+# --8<-- [end:prepare]
+
+
+# --8<-- [start:train]
+def train(cfg, stop_after=None, log=print):
+    """Train a GPT as ``cfg`` says; resume from out_dir/checkpoint.safetensors if present.
+
+    Returns the history: the training loss of every iteration and the validation losses.
+    ``stop_after`` ends the run early after that many iterations (as if it were killed
+    right after a checkpoint); the next call resumes it."""
+    out = Path(cfg.out_dir)
+    device = resolve_device(cfg.device)
+    amp_dtype, scale_loss = resolve_precision(cfg.precision, device)
+    tokenizer, train_data, val_data = prepare_data(cfg)
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                          n_head=cfg.n_head, d_model=cfg.d_model, dropout=cfg.dropout, bias=cfg.bias,
+                          positions=cfg.positions, mlp=cfg.mlp)).to(device)
+    optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    scaler = torch.amp.GradScaler(device.type, enabled=scale_loss)
+    batches = torch.Generator().manual_seed(cfg.seed)  # the data position, saved in checkpoints
+    history = {"train": [], "val": []}
+
+    checkpoint = out / "checkpoint.safetensors"
+    start = 0
+    if checkpoint.exists():
+        info = load_checkpoint(checkpoint, model, optimizer, batches)
+        start, history = info["step"], info["history"]
+        log(f"resumed from {checkpoint} at iteration {start}")
+    step_fn = torch.compile(model) if cfg.compile else model
+
+    bar = _progress(cfg, start)
+    tokens_per_iter = cfg.batch_size * cfg.grad_accum * cfg.block_size
+    tick = time.perf_counter()
+    for it in range(start, cfg.max_iters):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters)
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            x, y = get_batch(train_data, cfg.block_size, cfg.batch_size, batches, device)
+            with autocast(device, amp_dtype):
+                _, loss = step_fn(x, y)
+            scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+        scaler.unscale_(optimizer)
+        clip_grad_norm(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        history["train"].append(loss_sum)
+
+        now = time.perf_counter()
+        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_iter / (now - tick):,.0f}")
+        bar.update(1)
+        tick = now
+        done = it + 1
+        if done % cfg.eval_interval == 0 or done == cfg.max_iters or done == stop_after:
+            val = estimate_loss(model, val_data, cfg, device, amp_dtype)
+            history["val"].append([done, val])
+            text = tokenizer.decode(sample(model, tokenizer.encode("\n"), cfg.sample_tokens, cfg.block_size,
+                                           torch.Generator().manual_seed(done)))
+            log(f"iter {done}: train {loss_sum:.4f}, val {val:.4f}\n{text}\n")
+            save_checkpoint(checkpoint, model, optimizer, done, batches,
+                            {"config": dataclasses.asdict(cfg), "history": history})
+            save_loss_plot(history, out / "loss.svg")
+        if done == stop_after:
+            break
+    bar.close()
+    return history
+
+
+def _progress(cfg, start):
+    """A tqdm bar when asked for (and installed); otherwise an object that does nothing."""
+    if cfg.progress:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=cfg.max_iters, initial=start, unit="it")
+        except ImportError:
+            pass
+    return _NoProgress()
+
+
+class _NoProgress:
+    def set_postfix(self, **kwargs):
+        pass
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+# --8<-- [end:train]
+
+
+# --8<-- [start:loss-plot]
+def history_figure(history):
+    """Training loss per iteration and validation loss per evaluation, as a figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(history["train"]) + 1), history["train"], lw=0.6, alpha=0.6, label="train (batch)")
+    if history["val"]:
+        steps, vals = zip(*history["val"])
+        ax.plot(steps, vals, "o-", label="validation")
+    ax.set(xlabel="iteration", ylabel="loss (nats per token)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def save_loss_plot(history, path):
+    """Save the loss curves next to the checkpoint (skipped if matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig = history_figure(history)
+    tmp = path.with_name(f".{path.name}.tmp.svg")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+# --8<-- [end:loss-plot]
+
+
+# --8<-- [start:cli]
+def parse_args(argv=None):
+    """Every TrainConfig field is a flag (--batch-size 32); --config reads a TOML file."""
+    parser = argparse.ArgumentParser(description="Train the book's GPT on a text file.")
+    parser.add_argument("--config", help="a TOML file of TrainConfig fields; flags override it")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool or field.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=None)
+    args = vars(parser.parse_args(argv))
+    values = {}
+    if args.pop("config"):
+        with open(parser.parse_args(argv).config, "rb") as f:
+            values = tomllib.load(f)
+        unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown:
+            parser.error(f"unknown settings in the config file: {sorted(unknown)}")
+    values.update({k: v for k, v in args.items() if v is not None})
+    return TrainConfig(**values)
+
+
+def main(argv=None):
+    history = train(parse_args(argv))
+    if history["val"]:
+        print(f"final validation loss {history['val'][-1][1]:.4f}")
+# --8<-- [end:cli]
+
+
+if __name__ == "__main__":
+    main()
+
+
+# ---------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------
+
+def plot_lr_schedule():
+    """The warmup + cosine schedule of the chapter's default run."""
+    import matplotlib.pyplot as plt
+
+    cfg = TrainConfig()
+    steps = range(cfg.max_iters + 200)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(steps, [lr_at(s, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters) for s in steps])
+    ax.axvline(cfg.warmup_iters, color="gray", ls=":", lw=1)
+    ax.set(xlabel="iteration", ylabel="learning rate", title="Linear warmup, cosine decay to a floor")
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_run():
+    """Loss curves of a short run of a small GPT on the Python documentation."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        cfg = TrainConfig(n_layer=2, n_head=2, d_model=64, batch_size=16, max_iters=300, warmup_iters=30,
+                          decay_iters=300, lr=3e-3, eval_interval=50, eval_iters=10, sample_tokens=0,
+                          out_dir=out_dir, device="cpu", precision="fp32", progress=False)
+        history = train(cfg, log=lambda s: None)
+    return history_figure(history)
+
+
+def plot_float_formats():
+    """Where fp32, fp16 and bf16 can represent numbers: range vs. spacing."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 2.6))
+    for row, (name, f) in enumerate(float_formats().items()):
+        lo, hi = math.log10(f["smallest_normal"]), math.log10(f["max"])
+        ax.plot([lo, hi], [row, row], lw=8, solid_capstyle="butt")
+        ax.text(hi + 1, row, f"{name}: eps = {f['epsilon']:.1e}", va="center")
+    ax.axvline(-8, color="gray", ls=":", lw=1)
+    ax.text(-8, 2.45, " a typical small gradient, 1e-8", fontsize=8, color="gray")
+    ax.set(yticks=[], xlabel="log10 of the magnitude (normal numbers)", xlim=(-45, 60))
+    fig.tight_layout()
+    return fig

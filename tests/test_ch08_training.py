@@ -1,0 +1,395 @@
+"""Chapter 8: the loss, AdamW, the schedule, clipping, accumulation, mixed precision,
+data, checkpoints and exact resumption, each against an independent reference.
+
+Run against your own module with: pytest tests/test_ch08_training.py --impl my_ch08.py
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from ch06_gpt import GPT, GPTConfig
+
+
+@pytest.fixture(scope="module")
+def ch(load_chapter):
+    return load_chapter("ch08_training")
+
+
+def tiny_gpt(seed=0, vocab_size=50, **overrides):
+    torch.manual_seed(seed)
+    config = dict(vocab_size=vocab_size, block_size=16, n_layer=2, n_head=2, d_model=32, dropout=0.0)
+    config.update(overrides)
+    return GPT(GPTConfig(**config))
+
+
+def random_batch(seed, batch_size=4, block_size=16, vocab_size=50):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab_size, (batch_size, block_size), generator=g)
+    y = torch.randint(0, vocab_size, (batch_size, block_size), generator=g)
+    return x, y
+
+
+def tiny_config(ch, out_dir, **overrides):
+    settings = dict(data="python-docs", n_layer=1, n_head=2, d_model=32, block_size=16, batch_size=4,
+                    max_iters=12, warmup_iters=3, decay_iters=12, eval_interval=6, eval_iters=2,
+                    sample_tokens=8, out_dir=str(out_dir), device="cpu", precision="fp32", progress=False,
+                    dropout=0.1)
+    settings.update(overrides)
+    return ch.TrainConfig(**settings)
+
+
+# ---------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------
+
+
+def test_lm_loss_matches_torch_cross_entropy(ch):
+    torch.manual_seed(0)
+    logits, targets = torch.randn(3, 7, 11), torch.randint(0, 11, (3, 7))
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, 11), targets.view(-1))
+    torch.testing.assert_close(ch.lm_loss(logits, targets), expected)
+
+
+def test_lm_loss_rejects_mismatched_shapes(ch):
+    with pytest.raises(ValueError, match="targets"):
+        ch.lm_loss(torch.randn(2, 5, 9), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_naive_cross_entropy_overflows_where_log_sum_exp_does_not(ch):
+    logits = torch.tensor([[100.0, 0.0, -5.0]])  # e^100 overflows float32
+    targets = torch.tensor([0])
+    assert not torch.isfinite(ch.naive_cross_entropy(logits, targets))
+    torch.testing.assert_close(
+        ch.lm_loss(logits[None], targets[None]), torch.nn.functional.cross_entropy(logits, targets)
+    )
+
+
+def test_perplexity_and_bits_per_byte(ch):
+    assert ch.perplexity(math.log(65)) == pytest.approx(65)  # a uniform guess over 65 tokens
+    # 1000 tokens of 4 bytes each at ln 2 nats per token: 1 bit per token = 0.25 bits per byte
+    assert ch.bits_per_byte(math.log(2), 1000, 4000) == pytest.approx(0.25)
+
+
+def test_untrained_model_loss_is_about_ln_vocab_size(ch):
+    model = tiny_gpt(vocab_size=50)
+    x, y = random_batch(0)
+    _, loss = model(x, y)
+    assert loss.item() == pytest.approx(math.log(50), abs=0.15)
+
+
+# ---------------------------------------------------------------------------
+# AdamW
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.exercise(1)
+def test_exercise_1_adamw_matches_torch_step_for_step_on_a_gpt(ch):
+    # float64: the key biases of attention get gradients that are rounding noise (softmax
+    # ignores a constant shift), which Adam's normalisation would amplify in float32.
+    ours_model, ref_model = tiny_gpt(seed=1).double(), tiny_gpt(seed=1).double()
+    ours = ch.AdamW(ch.param_groups(ours_model, 0.1), lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    ref = torch.optim.AdamW(ch.param_groups(ref_model, 0.1), lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    for step in range(8):
+        x, y = random_batch(step)
+        for model, opt in [(ours_model, ours), (ref_model, ref)]:
+            _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        for (name, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=f"step {step}: {name}")
+
+
+@pytest.mark.exercise(1)
+def test_exercise_1_adamw_update_of_a_single_tensor(ch):
+    # First step from zero moments: m_hat = g, v_hat = g^2, so the update is lr * g/(|g|+eps).
+    p = torch.tensor([1.0, -2.0, 3.0])
+    g = torch.tensor([0.5, -0.1, 2.0])
+    m, v = torch.zeros(3), torch.zeros(3)
+    ch.adamw_update(p, g, m, v, 1, 0.1, 0.9, 0.999, 1e-8, 0.01)
+    expected = torch.tensor([1.0, -2.0, 3.0]) * (1 - 0.1 * 0.01) - 0.1 * g / (g.abs() + 1e-8)
+    torch.testing.assert_close(p, expected)
+    torch.testing.assert_close(m, 0.1 * g)
+    torch.testing.assert_close(v, 0.001 * g * g)
+
+
+def test_param_groups_decay_only_matrices(ch):
+    model = tiny_gpt()
+    decay, no_decay = ch.param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_adamw_rejects_invalid_settings(ch):
+    with pytest.raises(ValueError, match="invalid"):
+        ch.AdamW([torch.zeros(1, requires_grad=True)], lr=-1.0)
+
+
+# ---------------------------------------------------------------------------
+# Schedule, clipping, accumulation
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.exercise(2)
+def test_exercise_2_schedule_matches_torch_schedulers(ch):
+    # The same schedule from PyTorch's own LinearLR + CosineAnnealingLR.
+    max_lr, min_lr, warmup, decay = 1.0, 0.1, 10, 60
+    param = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([param], lr=max_lr)
+    sched = torch.optim.lr_scheduler.SequentialLR(
+        opt,
+        [torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1),
+         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=decay - warmup + 1, eta_min=min_lr)],
+        milestones=[warmup - 1],
+    )
+    for step in range(decay):
+        expected = opt.param_groups[0]["lr"]
+        assert ch.lr_at(step, max_lr, min_lr, warmup, decay) == pytest.approx(expected, abs=1e-9), step
+        opt.step()
+        sched.step()
+    assert ch.lr_at(decay + 50, max_lr, min_lr, warmup, decay) == pytest.approx(min_lr)
+
+
+@pytest.mark.exercise(2)
+def test_exercise_2_schedule_shape(ch):
+    lrs = [ch.lr_at(s, 6e-4, 6e-5, 100, 1000) for s in range(1100)]
+    assert lrs[0] == pytest.approx(6e-4 / 100) and lrs[99] == pytest.approx(6e-4)
+    assert all(a < b for a, b in zip(lrs[:99], lrs[1:100]))  # warmup rises
+    assert all(a >= b for a, b in zip(lrs[99:1000], lrs[100:1001]))  # decay falls
+    assert lrs[550] == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-2)  # half-way down at the middle
+
+
+def test_clip_grad_norm_matches_torch(ch):
+    for max_norm in [0.01, 1.0, 1e6]:  # clips, clips, leaves alone
+        a, b = tiny_gpt(seed=2), tiny_gpt(seed=2)
+        x, y = random_batch(3)
+        for model in (a, b):
+            model(x, y)[1].backward()
+        ours = ch.clip_grad_norm(list(a.parameters()), max_norm)
+        ref = torch.nn.utils.clip_grad_norm_(b.parameters(), max_norm)
+        torch.testing.assert_close(ours, ref)
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.exercise(3)
+def test_exercise_3_accumulation_equals_the_large_batch(ch):
+    big, accumulated = tiny_gpt(seed=4), tiny_gpt(seed=4)
+    x, y = random_batch(5, batch_size=8)
+    _, loss = big(x, y)
+    loss.backward()
+    micro = [(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)]
+    total = ch.accumulate_gradients(accumulated, micro)
+    assert total == pytest.approx(loss.item(), rel=1e-5)
+    for p, q in zip(big.parameters(), accumulated.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Mixed precision
+# ---------------------------------------------------------------------------
+
+
+def test_float_formats_match_ieee(ch):
+    formats = ch.float_formats()
+    assert formats["fp16"]["max"] == 65504.0
+    assert formats["bf16"]["epsilon"] == 2.0**-7 and formats["fp16"]["epsilon"] == 2.0**-10
+    assert formats["bf16"]["smallest_normal"] == formats["fp32"]["smallest_normal"]  # fp32's range
+
+
+def test_small_gradients_underflow_in_fp16_unless_scaled(ch):
+    grad = torch.tensor(1e-8)
+    assert grad.to(torch.float16).item() == 0.0  # lost
+    assert grad.to(torch.bfloat16).item() != 0.0  # bf16 keeps fp32's range
+    scaled = (grad * 2.0**16).to(torch.float16)
+    assert scaled.float().item() / 2.0**16 == pytest.approx(1e-8, rel=1e-2)  # GradScaler's trick
+
+
+def test_choose_precision_on_cuda_never_scales_bf16(ch, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert ch.choose_precision("cuda") == (torch.bfloat16, False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert ch.choose_precision("cuda") == (torch.float16, True)
+
+
+def test_choose_precision_on_cpu_is_full_precision(ch):
+    assert ch.choose_precision("cpu") == (None, False)
+    assert ch.resolve_precision("bf16", torch.device("cpu")) == (torch.bfloat16, False)
+
+
+def test_matmul_gflops_is_a_plausible_measurement(ch):
+    gflops = ch.matmul_gflops(torch.float32, n=128)
+    assert 0.01 < gflops < 10_000
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+def test_char_tokenizer_round_trip_and_errors(ch):
+    tok = ch.CharTokenizer.from_text("hello world")
+    assert tok.vocab_size == len(set("hello world"))
+    assert tok.decode(tok.encode("low hello")) == "low hello"
+    with pytest.raises(ValueError, match="alphabet"):
+        tok.encode("xyz")
+    with pytest.raises(ValueError, match="token ids"):
+        tok.decode([tok.vocab_size])
+
+
+def test_split_has_no_leakage(ch):
+    ids = np.arange(1000)
+    train, val = ch.split_train_val(ids, 0.1)
+    assert len(train) == 900 and len(val) == 100
+    assert train.max() < val.min()  # disjoint, contiguous: no window crosses the border
+    np.testing.assert_array_equal(np.concatenate([train, val]), ids)
+
+
+def test_get_batch_windows(ch):
+    data = np.arange(500, dtype=np.uint16)
+    g = torch.Generator().manual_seed(0)
+    x, y = ch.get_batch(data, 32, 8, g)
+    assert x.shape == y.shape == (8, 32) and x.dtype == torch.int64
+    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y, x + 1)  # next tokens
+    assert int(y.max()) < 500
+    x2, _ = ch.get_batch(data, 32, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2)  # the generator is the data position
+    with pytest.raises(ValueError, match="too few"):
+        ch.get_batch(data[:10], 32, 2, g)
+
+
+def test_window_dataset_with_dataloader_covers_the_data_once(ch):
+    data = np.arange(101, dtype=np.uint16)
+    dataset = ch.WindowDataset(data, 10)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    xs = torch.cat([x for x, _ in loader])
+    assert sorted(xs[:, 0].tolist()) == list(range(0, 100, 10))
+    assert all(torch.equal(y, x + 1) for x, y in loader)
+
+
+def test_fetch_verifies_the_checksum_and_caches(ch, tmp_path):
+    source = tmp_path / "source.txt"
+    source.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    target = tmp_path / "cache" / "corpus.txt"
+    assert ch.fetch(source.as_uri(), digest, target).read_text() == source.read_text()
+    source.unlink()  # now the URL is gone: the cached copy must be used
+    assert ch.fetch(source.as_uri(), digest, target) == target
+    with pytest.raises(ValueError, match="SHA-256"):
+        bad = tmp_path / "bad.txt"
+        bad.write_text("tampered")
+        ch.fetch(bad.as_uri(), digest, tmp_path / "other.txt")
+
+
+def test_shakespeare_falls_back_to_the_builtin_corpus_offline(ch, monkeypatch, tmp_path):
+    monkeypatch.setattr(ch, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(ch, "TINY_SHAKESPEARE_URL", (tmp_path / "missing.txt").as_uri())
+    with pytest.warns(UserWarning, match="could not get Tiny Shakespeare"):
+        text = ch.load_corpus("shakespeare")
+    assert text == ch.load_corpus("python-docs") and len(text) > 100_000
+
+
+def test_unknown_corpus_is_a_clear_error(ch):
+    with pytest.raises(FileNotFoundError, match="no corpus"):
+        ch.load_corpus("no/such/file.txt")
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints and resumption
+# ---------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip(ch, tmp_path):
+    model = tiny_gpt(seed=5)
+    opt = ch.AdamW(ch.param_groups(model, 0.1), lr=1e-3)
+    model(*random_batch(0))[1].backward()
+    opt.step()
+    g = torch.Generator().manual_seed(9)
+    g.seed()
+    ch.save_checkpoint(tmp_path / "c.safetensors", model, opt, 7, g, {"note": "x"})
+
+    fresh, g2 = tiny_gpt(seed=6), torch.Generator()
+    opt2 = ch.AdamW(ch.param_groups(fresh, 0.1), lr=1e-3)
+    info = ch.load_checkpoint(tmp_path / "c.safetensors", fresh, opt2, g2)
+    assert info["step"] == 7 and info["note"] == "x"
+    for p, q in zip(model.state_dict().values(), fresh.state_dict().values()):
+        torch.testing.assert_close(p, q)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    params2 = [p for group in opt2.param_groups for p in group["params"]]
+    for p, q in zip(params, params2):
+        for key in opt.state[p]:
+            torch.testing.assert_close(opt.state[p][key], opt2.state[q][key])
+    assert torch.equal(g.get_state(), g2.get_state())
+
+
+def test_checkpoint_write_is_atomic(ch, tmp_path, monkeypatch):
+    path = tmp_path / "c.safetensors"
+    model, g = tiny_gpt(), torch.Generator()
+    opt = ch.AdamW(model.parameters())
+    ch.save_checkpoint(path, model, opt, 1, g, {})
+    before = path.read_bytes()
+
+    def crash(*args):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(ch.os, "fsync", crash)  # dies after writing the temporary file
+    with pytest.raises(KeyboardInterrupt):
+        ch.save_checkpoint(path, model, opt, 2, g, {})
+    assert path.read_bytes() == before  # the previous checkpoint is intact
+
+
+def test_loading_refuses_pickles_and_corrupt_files(ch, tmp_path):
+    model = tiny_gpt()
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("pickle code ran",))
+
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps({"model": Exploit()}))
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        ch.load_checkpoint(evil, model)
+    torch_file = tmp_path / "model.pt"
+    torch.save(model.state_dict(), torch_file)
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        ch.load_checkpoint(torch_file, model)
+
+
+def test_killed_run_resumes_with_identical_losses(ch, tmp_path):
+    # Dropout is on, so the global RNG state matters as well as the batch generator.
+    whole = ch.train(tiny_config(ch, tmp_path / "whole"), log=lambda s: None)
+    interrupted_cfg = tiny_config(ch, tmp_path / "interrupted")
+    first = ch.train(interrupted_cfg, stop_after=6, log=lambda s: None)
+    assert len(first["train"]) == 6
+    resumed = ch.train(interrupted_cfg, log=lambda s: None)
+    assert resumed["train"] == whole["train"]  # exactly, on CPU
+    assert resumed["val"] == whole["val"]
+
+
+def test_training_lowers_the_loss_and_writes_its_outputs(ch, tmp_path):
+    cfg = tiny_config(ch, tmp_path, max_iters=60, decay_iters=60, eval_interval=30, lr=3e-3, dropout=0.0)
+    history = ch.train(cfg, log=lambda s: None)
+    first_val = history["val"][0][1]
+    assert history["val"][-1][1] < first_val < math.log(ch.CharTokenizer.from_text(ch.load_corpus()).vocab_size)
+    for name in ["checkpoint.safetensors", "loss.svg", "train.npy", "val.npy", "tokenizer.json"]:
+        assert (tmp_path / name).exists(), name
+
+
+def test_cli_flags_and_config_file(ch, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('batch_size = 7\nlr = 0.002\nprogress = false\n')
+    cfg = ch.parse_args(["--config", str(config), "--lr", "0.005", "--no-compile", "--out-dir", "x"])
+    assert (cfg.batch_size, cfg.lr, cfg.progress, cfg.compile, cfg.out_dir) == (7, 0.005, False, False, "x")
+    assert dataclasses.asdict(ch.parse_args([])) == dataclasses.asdict(ch.TrainConfig())
+    config.write_text("batch_sise = 7\n")
+    with pytest.raises(SystemExit):
+        ch.parse_args(["--config", str(config)])
