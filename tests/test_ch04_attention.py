@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from torch.nn.attention.bias import causal_lower_right
 
 from ch03_embeddings import alibi_bias
+from helpers import ListCache
 
 FAST = settings(max_examples=20, deadline=None)
 
@@ -361,22 +362,6 @@ def test_mha_with_rope_and_gqa_equals_hugging_face_llama(ch):
     causal = torch.full((7, 7), float("-inf"), dtype=torch.float64).triu(1)[None, None]
     expected, _ = ref(x, position_embeddings=(cos, sin), attention_mask=causal)
     torch.testing.assert_close(ours(x, causal=True, positions=position_ids), expected)
-
-
-class ListCache:
-    """The smallest KV cache: keep every key and value seen so far (Chapter 9 builds a real one)."""
-
-    def __init__(self):
-        self.k = self.v = None
-
-    @property
-    def seq_len(self):
-        return 0 if self.k is None else self.k.shape[-2]
-
-    def update(self, k, v):
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
-        return self.k, self.v
 
 
 @pytest.mark.parametrize("options", [dict(), dict(rope=True), dict(alibi=True), dict(rope=True, use_fused=True),

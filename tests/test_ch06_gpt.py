@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
+from helpers import ListCache
 
 FAST = settings(max_examples=20, deadline=None)
 
@@ -233,22 +234,6 @@ def test_dropout_is_active_in_training_only(ch):
     assert not torch.allclose(model.train()(idx)[0], model(idx)[0])
     model.eval()
     torch.testing.assert_close(model(idx)[0], model(idx)[0])
-
-
-class ListCache:
-    """The smallest KV cache: keeps every key and value it is given."""
-
-    def __init__(self):
-        self.k = self.v = None
-
-    @property
-    def seq_len(self):
-        return 0 if self.k is None else self.k.shape[-2]
-
-    def update(self, k, v):
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
-        return self.k, self.v
 
 
 @pytest.mark.parametrize("positions", ["learned", "rope"])
