@@ -646,8 +646,9 @@ def parse_args(argv=None):
             parser.add_argument(flag, type=type(field.default), default=None)
     args = vars(parser.parse_args(argv))
     values = {}
-    if args.pop("config"):
-        with open(parser.parse_args(argv).config, "rb") as f:
+    config_path = args.pop("config")
+    if config_path:
+        with open(config_path, "rb") as f:
             values = tomllib.load(f)
         unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown:

@@ -87,7 +87,7 @@ def test_chapter_page_states_its_cpu_run_time_and_exercises(page):
         f"{page.name} must state its run time under the title"
     )
     assert "## Exercises" in text
-    assert f"--impl" in text, "the page says how to grade the reader's own module"
+    assert "--impl" in text, "the page says how to grade the reader's own module"
 
 
 def test_page_blocks_expand_snippets_like_the_site():
