@@ -294,14 +294,38 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         rope_inv_freq(head_dim)  # validates head_dim early
         self.head_dim, self.base, self.interleaved = head_dim, base, interleaved
+        self._table = None  # (cos, signed sin), each (max_len, D): see cos_sin
 
     def forward(self, x, positions=None, offset=0):  # x (B, H, T, D); positions (T,) or (B, T)
         if x.shape[-1] != self.head_dim:
             raise ValueError(
                 f"RotaryEmbedding was built for head_dim={self.head_dim}, got {x.shape[-1]}")
         pos = resolve_positions(x.shape[-2], positions, offset, x.device)
-        rotate = apply_rope_interleaved if self.interleaved else apply_rope
-        return rotate(x, pos, self.base)
+        if self.interleaved:
+            return apply_rope_interleaved(x, pos, self.base)
+        cos, sin = self.cos_sin(x, pos, offset + x.shape[-2] if positions is None else None)
+        # apply_rope's x * cos + rotate_half(x) * sin in 3 operations instead of 6:
+        # rotate_half(x) * sin == roll(x) * (-sin, sin), with the signs kept in the table
+        return torch.addcmul(x * cos, x.roll(self.head_dim // 2, dims=-1), sin)
+
+    def cos_sin(self, x, pos, length=None):
+        """cos and signed sin (-sin on the first half) at pos, (..., T, D), from a table.
+
+        Every layer rotates q and k at every step by the same angles; recomputing them, as
+        apply_rope does, made training about 10% slower. length: one past the largest
+        position, when known without reading pos (a GPU would wait for pos.max())."""
+        length = int(pos.max()) + 1 if length is None else length
+        cos, sin = self._table if self._table is not None else (None, None)
+        if cos is None or len(cos) < length or cos.device != x.device or cos.dtype != x.dtype:
+            size = max(length, 2 * len(cos) if cos is not None else 0)  # grow by doubling
+            angles = rope_angles(torch.arange(size, device=x.device), self.head_dim, self.base,
+                                 _angle_dtype(x))  # (size, D/2)
+            angles = torch.cat((angles, angles), dim=-1)  # (size, D): both halves share theta_i
+            sin = angles.sin()
+            sin[:, : self.head_dim // 2].neg_()  # rotate_half's minus sign
+            cos, sin = angles.cos().to(x.dtype), sin.to(x.dtype)
+            self._table = cos, sin
+        return _broadcast_angles(cos[pos], x), _broadcast_angles(sin[pos], x)
 
     def extra_repr(self):
         return f"head_dim={self.head_dim}, base={self.base}, interleaved={self.interleaved}"
