@@ -111,26 +111,40 @@ class GPT(nn.Module):
         if c.tie_weights:
             self.tie_weights()
 
-    def forward(self, idx, targets=None, kv_caches=None):
+    def forward(self, idx, targets=None, kv_caches=None, *, padding_mask=None, positions=None):
         """idx (B, T) token ids -> (logits (B, T, V), loss or None).
 
         targets (B, T): the next token at each position (-1 = ignore); loss is the mean
         cross-entropy over the targets. kv_caches: one cache per block (see
         MultiHeadAttention), holding earlier tokens; idx are then the new tokens only.
+        padding_mask (B, past + T) bool, True for real tokens, for a batch of left-padded
+        prompts (Chapter 9): real tokens never attend to padding, and a token's position is
+        the number of real tokens before it in its row. positions (B, T): explicit positions.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}")
+        B, T = idx.shape
         past = kv_caches[0].seq_len if kv_caches else 0
-        if past + idx.shape[1] > self.config.block_size:
-            raise ValueError(f"sequence of {past + idx.shape[1]} tokens is longer than the context "
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than the context "
                              f"length block_size={self.config.block_size}; crop it to the last "
                              f"{self.config.block_size} tokens")
+        attn_mask = None
+        if padding_mask is not None:
+            if padding_mask.dtype != torch.bool or padding_mask.shape != (B, past + T):
+                raise ValueError(f"padding_mask must be a bool (B, past + T) = {(B, past + T)} tensor, got "
+                                 f"{padding_mask.dtype} {tuple(padding_mask.shape)}")
+            if positions is None:  # count the real tokens before each one
+                positions = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            # (B, 1, T, past + T): real queries see real keys; a padding query sees all (never NaN)
+            attn_mask = padding_mask[:, None, None, :] | ~padding_mask[:, None, past:, None]
         x = self.tok_emb(idx)  # (B, T, C); raises for ids outside [0, V)
-        if self.pos_emb is not None:
-            x = self.pos_emb(x, offset=past)  # + W_pos[past : past + T]
+        if self.pos_emb is not None:  # + W_pos[past : past + T], or W_pos[positions]
+            x = self.pos_emb(x, positions) if positions is not None else self.pos_emb(x, offset=past)
         x = self.drop(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, causal=True, kv_cache=kv_caches[i] if kv_caches else None)
+        for i, block in enumerate(self.blocks):  # one query needs no causal mask: it is the last
+            x = block(x, causal=T > 1, attn_mask=attn_mask, positions=positions,
+                      kv_cache=kv_caches[i] if kv_caches else None)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         if targets is None:
             return logits, None
