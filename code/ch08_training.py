@@ -434,6 +434,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
+    fused_adamw: bool = False  # PyTorch's one-kernel AdamW instead of the book's (same update)
     # evaluation, samples, checkpoints
     eval_interval: int = 250
     eval_iters: int = 200
@@ -450,19 +451,21 @@ class TrainConfig:
 
 # --8<-- [start:estimate-loss]
 @torch.no_grad()
-def estimate_loss(model, data, cfg, device, amp_dtype):
+def estimate_loss(model, data, cfg, device, amp_dtype, runtime=None):
     """Mean loss over cfg.eval_iters random batches, drawn with their own fixed seed so
-    that evaluating never changes the training batches that follow."""
+    that evaluating never changes the training batches that follow. With many processes
+    (``runtime``, see train), each scores its share of every batch and they average."""
+    runtime = runtime or SingleProcess()
     model.eval()
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     losses = []
     for _ in range(cfg.eval_iters):
-        x, y = get_batch(data, cfg.block_size, cfg.batch_size, generator, device)
+        x, y = runtime.get_batch(data, cfg.block_size, cfg.batch_size, generator, device)
         with autocast(device, amp_dtype):
             _, loss = model(x, y)
         losses.append(loss.item())
     model.train()
-    return sum(losses) / len(losses)
+    return runtime.mean(sum(losses) / len(losses))
 
 
 @torch.no_grad()
@@ -479,18 +482,30 @@ def sample(model, start_ids, n_tokens, block_size, generator, temperature=1.0):
 
 
 # --8<-- [start:prepare]
-def prepare_data(cfg):
-    """Tokenize the corpus (one token per character), write train/val token files."""
+def prepare_data(cfg, write=True):
+    """Tokenize the corpus (one token per character), write train/val token files, open them.
+    write=False only opens the files that another process wrote (Chapter 11)."""
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = load_corpus(cfg.data)
-    tokenizer = CharTokenizer.from_text(text)
-    ids = tokenizer.encode(text)
-    train_ids, val_ids = split_train_val(ids, cfg.val_fraction)
-    write_token_file(train_ids, out / "train.npy", tokenizer.vocab_size)
-    write_token_file(val_ids, out / "val.npy", tokenizer.vocab_size)
-    write_atomically(out / "tokenizer.json", json.dumps({"chars": tokenizer.chars}).encode())
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        text = load_corpus(cfg.data)
+        tokenizer = CharTokenizer.from_text(text)
+        ids = tokenizer.encode(text)
+        train_ids, val_ids = split_train_val(ids, cfg.val_fraction)
+        write_token_file(train_ids, out / "train.npy", tokenizer.vocab_size)
+        write_token_file(val_ids, out / "val.npy", tokenizer.vocab_size)
+        write_atomically(out / "tokenizer.json", json.dumps({"chars": tokenizer.chars}).encode())
+    tokenizer = CharTokenizer(json.loads((out / "tokenizer.json").read_bytes())["chars"])
     return tokenizer, load_token_file(out / "train.npy"), load_token_file(out / "val.npy")
+
+
+def make_optimizer(model, cfg):
+    """The book's AdamW, or with cfg.fused_adamw PyTorch's fused kernel of the same update:
+    one pass over all parameters instead of about ten tensor operations per parameter."""
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.fused_adamw:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
 def resolve_device(name):
@@ -508,22 +523,54 @@ def resolve_precision(name, device):
 
 
 # --8<-- [start:train]
-def train(cfg, stop_after=None, log=print):
+# --8<-- [start:single-process]
+class SingleProcess:
+    """How train() runs: in this one process, on whole batches. Chapter 11 runs the same
+    loop in many processes at once by overriding these few methods."""
+
+    is_main = True  # the process that logs, samples and writes files
+
+    def main_first(self):
+        """Context: the main process runs the block (writing files) before the others do."""
+        return contextlib.nullcontext()
+
+    def wrap(self, model):
+        """The module that runs forward and backward."""
+        return model
+
+    def get_batch(self, data, block_size, batch_size, generator, device):
+        """This process's rows of a batch of batch_size random windows."""
+        return get_batch(data, block_size, batch_size, generator, device)
+
+    def gradient_sync(self, sync):
+        """Context for one micro-batch's forward and backward; sync is False but on the last."""
+        return contextlib.nullcontext()
+
+    def mean(self, value):
+        """The mean of a float over all processes."""
+        return value
+# --8<-- [end:single-process]
+
+
+def train(cfg, stop_after=None, log=print, runtime=None):
     """Train a GPT as ``cfg`` says; resume from out_dir/checkpoint.safetensors if present.
 
     Returns the history: the training loss of every iteration and the validation losses.
     ``stop_after`` ends the run early after that many iterations (as if it were killed
-    right after a checkpoint); the next call resumes it."""
+    right after a checkpoint); the next call resumes it. ``runtime`` (default
+    SingleProcess()) says how the work is shared between processes."""
+    runtime = runtime or SingleProcess()
     out = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
     amp_dtype, scale_loss = resolve_precision(cfg.precision, device)
-    tokenizer, train_data, val_data = prepare_data(cfg)
+    with runtime.main_first():  # one process writes the token files, then the others open them
+        tokenizer, train_data, val_data = prepare_data(cfg, write=runtime.is_main)
 
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
                           n_head=cfg.n_head, d_model=cfg.d_model, dropout=cfg.dropout, bias=cfg.bias,
                           positions=cfg.positions, mlp=cfg.mlp)).to(device)
-    optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=scale_loss)
     batches = torch.Generator().manual_seed(cfg.seed)  # the data position, saved in checkpoints
     history = {"train": [], "val": []}
@@ -534,7 +581,8 @@ def train(cfg, stop_after=None, log=print):
         info = load_checkpoint(checkpoint, model, optimizer, batches)
         start, history = info["step"], info["history"]
         log(f"resumed from {checkpoint} at iteration {start}")
-    step_fn = torch.compile(model) if cfg.compile else model
+    step_fn = runtime.wrap(model)
+    step_fn = torch.compile(step_fn) if cfg.compile else step_fn
 
     bar = _progress(cfg, start)
     tokens_per_iter = cfg.batch_size * cfg.grad_accum * cfg.block_size
@@ -543,17 +591,19 @@ def train(cfg, stop_after=None, log=print):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters)
         loss_sum = 0.0
-        for _ in range(cfg.grad_accum):
-            x, y = get_batch(train_data, cfg.block_size, cfg.batch_size, batches, device)
-            with autocast(device, amp_dtype):
-                _, loss = step_fn(x, y)
-            scaler.scale(loss / cfg.grad_accum).backward()
+        for micro in range(cfg.grad_accum):
+            x, y = runtime.get_batch(train_data, cfg.block_size, cfg.batch_size, batches, device)
+            with runtime.gradient_sync(sync=micro == cfg.grad_accum - 1):
+                with autocast(device, amp_dtype):
+                    _, loss = step_fn(x, y)
+                scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
         scaler.unscale_(optimizer)
         clip_grad_norm(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        loss_sum = runtime.mean(loss_sum)  # the loss of the whole batch, over all processes
         history["train"].append(loss_sum)
 
         now = time.perf_counter()
@@ -562,14 +612,15 @@ def train(cfg, stop_after=None, log=print):
         tick = now
         done = it + 1
         if done % cfg.eval_interval == 0 or done == cfg.max_iters or done == stop_after:
-            val = estimate_loss(model, val_data, cfg, device, amp_dtype)
+            val = estimate_loss(model, val_data, cfg, device, amp_dtype, runtime)
             history["val"].append([done, val])
-            text = tokenizer.decode(sample(model, tokenizer.encode("\n"), cfg.sample_tokens, cfg.block_size,
-                                           torch.Generator().manual_seed(done)))
-            log(f"iter {done}: train {loss_sum:.4f}, val {val:.4f}\n{text}\n")
-            save_checkpoint(checkpoint, model, optimizer, done, batches,
-                            {"config": dataclasses.asdict(cfg), "history": history})
-            save_loss_plot(history, out / "loss.svg")
+            if runtime.is_main:
+                text = tokenizer.decode(sample(model, tokenizer.encode("\n"), cfg.sample_tokens,
+                                               cfg.block_size, torch.Generator().manual_seed(done)))
+                log(f"iter {done}: train {loss_sum:.4f}, val {val:.4f}\n{text}\n")
+                save_checkpoint(checkpoint, model, optimizer, done, batches,
+                                {"config": dataclasses.asdict(cfg), "history": history})
+                save_loss_plot(history, out / "loss.svg")
         if done == stop_after:
             break
     bar.close()

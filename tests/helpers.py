@@ -18,3 +18,13 @@ class ListCache:
         self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
         return self.k, self.v
+
+
+def tiny_train_settings(out_dir, **overrides):
+    """Chapter 8's TrainConfig fields for a run of a few seconds on the Python documentation."""
+    settings = dict(data="python-docs", n_layer=1, n_head=2, d_model=32, block_size=16, batch_size=4,
+                    max_iters=12, warmup_iters=3, decay_iters=12, eval_interval=6, eval_iters=2,
+                    sample_tokens=8, out_dir=str(out_dir), device="cpu", precision="fp32", progress=False,
+                    dropout=0.1)
+    settings.update(overrides)
+    return settings

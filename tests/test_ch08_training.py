@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ch06_gpt import GPT, GPTConfig
+from helpers import tiny_train_settings
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +38,7 @@ def random_batch(seed, batch_size=4, block_size=16, vocab_size=50):
 
 
 def tiny_config(ch, out_dir, **overrides):
-    settings = dict(data="python-docs", n_layer=1, n_head=2, d_model=32, block_size=16, batch_size=4,
-                    max_iters=12, warmup_iters=3, decay_iters=12, eval_interval=6, eval_iters=2,
-                    sample_tokens=8, out_dir=str(out_dir), device="cpu", precision="fp32", progress=False,
-                    dropout=0.1)
-    settings.update(overrides)
-    return ch.TrainConfig(**settings)
+    return ch.TrainConfig(**tiny_train_settings(out_dir, **overrides))
 
 
 # ---------------------------------------------------------------------------
@@ -373,6 +369,17 @@ def test_killed_run_resumes_with_identical_losses(ch, tmp_path):
     resumed = ch.train(interrupted_cfg, log=lambda s: None)
     assert resumed["train"] == whole["train"]  # exactly, on CPU
     assert resumed["val"] == whole["val"]
+
+
+def test_fused_adamw_trains_like_the_books_and_resumes_exactly(ch, tmp_path):
+    book = ch.train(tiny_config(ch, tmp_path / "book"), log=lambda s: None)
+    fused_cfg = tiny_config(ch, tmp_path / "fused", fused_adamw=True)
+    fused = ch.train(fused_cfg, log=lambda s: None)
+    # the same update in another order of float operations: equal to rounding, not bitwise
+    torch.testing.assert_close(fused["train"], book["train"], rtol=1e-4, atol=1e-4)
+    interrupted_cfg = tiny_config(ch, tmp_path / "fused-interrupted", fused_adamw=True)
+    ch.train(interrupted_cfg, stop_after=6, log=lambda s: None)
+    assert ch.train(interrupted_cfg, log=lambda s: None)["train"] == fused["train"]
 
 
 def test_training_lowers_the_loss_and_writes_its_outputs(ch, tmp_path):
