@@ -13,7 +13,8 @@ nanogpt:   nanoGPT's README CPU recipe for character-level Tiny Shakespeare, tak
            --dropout=0.0` on the same machine. Prints ms/iteration, tokens/s and the
            validation loss at iteration 2000 beside nanoGPT's reference figures.
 recipe:    the book's own CPU recipe: time to reach nanoGPT's final validation loss
-           (1.886), and the best validation loss within --minutes.
+           (1.886), beside nanoGPT's recipe timed on the same machine in the same run, and
+           the best validation loss within --minutes.
 breakdown: one training step split into data, forward, backward and optimizer, with the
            achieved GFLOP/s beside the machine's measured matrix-product throughput.
 
@@ -42,9 +43,10 @@ NANOGPT_RECIPE = dict(
     beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_iters=20,
 )
 # The book's CPU recipe (chapter 8 explains the choices): nanoGPT's model with rotary
-# positions instead of learned ones, a 3x higher peak learning rate, a shorter warmup, and a
-# schedule that ends after 1100 iterations.
-BOOK_RECIPE = dict(NANOGPT_RECIPE, positions="rope", lr=3e-3, warmup_iters=50, max_iters=1100, decay_iters=1100)
+# positions instead of learned ones and ReLU instead of GELU, a 3x higher peak learning rate,
+# a shorter warmup, a schedule that ends after 900 iterations, and PyTorch's fused AdamW.
+BOOK_RECIPE = dict(NANOGPT_RECIPE, positions="rope", mlp="relu", lr=3e-3, warmup_iters=50, max_iters=900,
+                   decay_iters=900, fused_adamw=True)
 
 
 class Timed:
@@ -100,7 +102,14 @@ def nanogpt(args):
 
 
 def recipe(args):
-    """Time to nanoGPT's final validation loss, then the best loss within --minutes."""
+    """Time to nanoGPT's final validation loss, beside nanoGPT's recipe run by the same trainer
+    on the same machine in the same run; then the best loss within --minutes."""
+    reference = None
+    if not args.skip_reference:
+        _, timer = run(dict(NANOGPT_RECIPE), args.data, eval_interval=NANOGPT_RECIPE["max_iters"])
+        reference = timer.points[-1][0]
+        print(f"nanoGPT's recipe, this trainer, this machine: {reference:.1f} s for "
+              f"{NANOGPT_RECIPE['max_iters']} iterations")
     settings = dict(BOOK_RECIPE, eval_iters=200)
     history, timer = run(settings, args.data, eval_interval=50)
     reached = next(((sec, it) for (sec, _), (it, val) in zip(timer.points, history["val"])
@@ -110,7 +119,10 @@ def recipe(args):
         print(f"  iteration {it:5d}  {sec:6.1f} s of training  val loss {val:.4f}")
     if reached:
         print(f"reached val loss {NANOGPT['val_loss']} after {reached[0]:.1f} s (iteration {reached[1]}); "
-              f"nanoGPT's recipe takes about {NANOGPT['wall_s']:.0f} s: ratio {reached[0] / NANOGPT['wall_s']:.2f}")
+              f"nanoGPT's recipe takes about {NANOGPT['wall_s']:.0f} s on the reference machine: "
+              f"ratio {reached[0] / NANOGPT['wall_s']:.2f}")
+        if reference:
+            print(f"against nanoGPT's recipe on this machine ({reference:.1f} s): ratio {reached[0] / reference:.2f}")
     else:
         print(f"did not reach {NANOGPT['val_loss']}")
     if args.minutes:
@@ -129,19 +141,19 @@ def _iterations_for(settings, seconds, data):
     return int(seconds / (timer.points[-1][0] / 60))
 
 
-def breakdown(args):
-    """One training step of nanoGPT's configuration, phase by phase."""
+def step_phases(settings, steps=60, warmup=10):
+    """Median seconds of each phase of one training step of ``settings``, and the model."""
     from ch06_gpt import GPT, GPTConfig
 
-    cfg = t.TrainConfig(**NANOGPT_RECIPE)
+    cfg = t.TrainConfig(**settings)
     data = torch.randint(0, 65, (1_000_000,)).numpy().astype("uint16")
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=65, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                          d_model=cfg.d_model, bias=cfg.bias))
-    opt = t.AdamW(t.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+                          d_model=cfg.d_model, bias=cfg.bias, positions=cfg.positions, mlp=cfg.mlp))
+    opt = t.make_optimizer(model, cfg)
     g = torch.Generator().manual_seed(0)
     phases = {"data": [], "forward": [], "backward": [], "optimizer": []}
-    for step in range(60):
+    for step in range(steps):
         t0 = time.perf_counter()
         x, y = t.get_batch(data, cfg.block_size, cfg.batch_size, g)
         t1 = time.perf_counter()
@@ -153,18 +165,24 @@ def breakdown(args):
         opt.step()
         opt.zero_grad(set_to_none=True)
         t4 = time.perf_counter()
-        if step >= 10:  # after warm-up
+        if step >= warmup:
             for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 phases[name].append(dt)
-    median = {k: sorted(v)[len(v) // 2] for k, v in phases.items()}
-    total = sum(median.values())
+    return {k: sorted(v)[len(v) // 2] for k, v in phases.items()}, model, cfg
+
+
+def breakdown(args):
+    """One training step of nanoGPT's configuration and of the book's recipe, phase by phase."""
+    (ref, model, cfg), (book, _, _) = step_phases(NANOGPT_RECIPE), step_phases(BOOK_RECIPE)
     tokens = cfg.batch_size * cfg.block_size
     fwd_flops = model.flops_per_token(cfg.block_size) * tokens
-    print(f"nanoGPT configuration, {model.num_parameters():,} parameters, {tokens} tokens per step")
-    for name, sec in median.items():
-        print(f"  {name:10s} {1e3 * sec:7.2f} ms  {100 * sec / total:5.1f}%")
-    print(f"  {'total':10s} {1e3 * total:7.2f} ms")
-    achieved = 3 * fwd_flops / (median["forward"] + median["backward"]) / 1e9  # backward ~ 2x forward
+    print(f"nanoGPT's configuration, {model.num_parameters():,} parameters, {tokens} tokens per step")
+    print(f"  {'phase':10s} {'nanoGPT recipe':>22s} {'book recipe':>22s}")
+    for name in ref:
+        print(f"  {name:10s} {1e3 * ref[name]:10.2f} ms {100 * ref[name] / sum(ref.values()):7.1f}%"
+              f" {1e3 * book[name]:10.2f} ms {100 * book[name] / sum(book.values()):7.1f}%")
+    print(f"  {'total':10s} {1e3 * sum(ref.values()):10.2f} ms {'':8s} {1e3 * sum(book.values()):10.2f} ms")
+    achieved = 3 * fwd_flops / (ref["forward"] + ref["backward"]) / 1e9  # backward ~ 2x forward
     print(f"forward {fwd_flops / 1e9:.2f} GFLOP per step; forward+backward run at {achieved:.1f} GFLOP/s")
     for n in (128, 256, 512, 1024):
         print(f"  machine: {n}x{n} fp32 matrix product {t.matmul_gflops(torch.float32, n=n):.1f} GFLOP/s")
@@ -175,7 +193,8 @@ def main():
     parser.add_argument("what", choices=["nanogpt", "recipe", "breakdown"])
     parser.add_argument("--data", default=str(SHARED) if SHARED.exists() else "shakespeare")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--minutes", type=float, default=10.0, help="recipe: length of the long run (0: none)")
+    parser.add_argument("--skip-reference", action="store_true", help="recipe: don't run nanoGPT's recipe first")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
