@@ -400,3 +400,15 @@ def test_cli_flags_and_config_file(ch, tmp_path):
     config.write_text("batch_sise = 7\n")
     with pytest.raises(SystemExit):
         ch.parse_args(["--config", str(config)])
+
+
+def test_cli_recipe_is_overridden_by_the_config_file_and_flags(ch, tmp_path):
+    book = ch.parse_args(["--recipe", "book"])
+    assert (book.positions, book.mlp, book.lr, book.max_iters, book.fused_adamw) == ("rope", "relu", 3e-3, 900, True)
+    assert book.n_layer == 4 and book.block_size == 64  # nanoGPT's model and data otherwise
+    config = tmp_path / "run.toml"
+    config.write_text("max_iters = 500\n")
+    cfg = ch.parse_args(["--recipe", "book", "--config", str(config), "--lr", "0.001"])
+    assert (cfg.max_iters, cfg.lr, cfg.positions) == (500, 0.001, "rope")
+    with pytest.raises(SystemExit):
+        ch.parse_args(["--recipe", "fastest"])

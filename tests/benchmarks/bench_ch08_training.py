@@ -42,11 +42,7 @@ NANOGPT_RECIPE = dict(
     max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100, decay_iters=2000,
     beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_iters=20,
 )
-# The book's CPU recipe (chapter 8 explains the choices): nanoGPT's model with rotary
-# positions instead of learned ones and ReLU instead of GELU, a 3x higher peak learning rate,
-# a shorter warmup, a schedule that ends after 900 iterations, and PyTorch's fused AdamW.
-BOOK_RECIPE = dict(NANOGPT_RECIPE, positions="rope", mlp="relu", lr=3e-3, warmup_iters=50, max_iters=900,
-                   decay_iters=900, fused_adamw=True)
+BOOK_RECIPE = dict(NANOGPT_RECIPE, **t.RECIPES["book"])  # chapter 8's capstone explains it
 
 
 class Timed:
