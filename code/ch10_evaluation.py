@@ -28,7 +28,7 @@ import torch
 
 from ch02_tokenizer import python_docs_text, split_train_val, train_bpe
 from ch06_gpt import GPT, GPTConfig
-from ch08_training import (AdamW, CharTokenizer, TrainConfig, bits_per_byte, clip_grad_norm, get_batch,
+from ch08_training import (RECIPES, AdamW, CharTokenizer, TrainConfig, bits_per_byte, clip_grad_norm, get_batch,
                            load_checkpoint, lr_at, param_groups, perplexity, resolve_device, train)
 from ch09_generation import generate
 # --8<-- [end:imports]
@@ -610,6 +610,41 @@ def plot_learning_curves(tiny_chars=3000):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     axes[0].set_ylabel("loss (nats per token)")
+    fig.tight_layout()
+    return fig
+
+
+# --8<-- [start:capstone]
+def capstone_history(data="python-docs", eval_interval=50, eval_iters=20):
+    """The history of a run of Chapter 8's capstone recipe (RECIPES["book"]) on ``data``."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        cfg = TrainConfig(**RECIPES["book"], data=str(data), out_dir=out_dir, eval_interval=eval_interval,
+                          eval_iters=eval_iters, sample_tokens=0, device="cpu", precision="fp32", progress=False)
+        return train(cfg, log=lambda s: None)
+# --8<-- [end:capstone]
+
+
+def plot_capstone_curves():
+    """Chapter 8's capstone recipe: its learning curves and its generalisation gap."""
+    import matplotlib.pyplot as plt
+
+    history = capstone_history()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(range(1, len(history["train"]) + 1), history["train"], color="C0", alpha=0.25, lw=0.8,
+             label="training, every iteration")
+    ax1.plot(range(1, len(history["train"]) + 1), smooth(history["train"], 50), color="C0",
+             label="training (mean of the last 50)")
+    steps, vals = zip(*history["val"])
+    ax1.plot(steps, vals, "o-", ms=3, color="C1", label="validation")
+    ax1.set(xlabel="iteration", ylabel="loss (nats per character)", ylim=(min(vals) - 0.3, 3.5),
+            title="Chapter 8's recipe on the Python docs")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    gap_steps, gaps = zip(*generalization_gap(history))
+    ax2.plot(gap_steps, gaps, "o-", ms=3, color="C2")
+    ax2.axhline(0, color="gray", lw=0.8)
+    ax2.set(xlabel="iteration", ylabel="validation - training (nats)", title="The generalisation gap")
+    ax2.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
