@@ -537,7 +537,7 @@ def plot_sinusoidal_table():
 
     table = sinusoidal_table(128, 64)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.1, 1]})
-    im = ax1.imshow(table.T, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, origin="lower")
+    im = ax1.imshow(table.T.numpy(), aspect="auto", cmap="RdBu", vmin=-1, vmax=1, origin="lower")
     ax1.set(xlabel="position p", ylabel="dimension", title="PE[p, :] for d_model = 64")
     fig.colorbar(im, ax=ax1)
     for dim in (0, 2, 10, 30):
@@ -593,7 +593,7 @@ def plot_alibi_bias():
     slopes = alibi_slopes(n_heads)
     fig, axes = plt.subplots(1, 4, figsize=(11, 3.2), layout="constrained")
     for ax, h in zip(axes, (0, 1, 3, 7)):
-        im = ax.imshow(bias[h], cmap="viridis", vmin=-6, vmax=0)
+        im = ax.imshow(bias[h].numpy(), cmap="viridis", vmin=-6, vmax=0)
         ax.set(title=f"head {h}, slope 1/{1 / slopes[h]:.0f}", xlabel="key j",
                xticks=range(0, T, 3), yticks=range(0, T, 3))
     axes[0].set_ylabel("query i")

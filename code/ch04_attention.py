@@ -541,7 +541,7 @@ def plot_attention_heatmaps():
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), layout="constrained")
     for ax, w, title in ((axes[0], trained, "trained to reverse 8 tokens"),
                          (axes[1], masked, "causal mask + 2 padding tokens (random weights)")):
-        im = ax.imshow(w[0, 0], cmap="Blues", vmin=0, vmax=1)
+        im = ax.imshow(w[0, 0].numpy(), cmap="Blues", vmin=0, vmax=1)
         ax.set(title=title, xlabel="key position j", ylabel="query position i",
                xticks=range(8), yticks=range(8))
     axes[0].set_xticklabels([f"{j}\n'{t}'" for j, t in enumerate(ids[0].tolist())])

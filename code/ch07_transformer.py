@@ -372,7 +372,7 @@ def plot_cross_attention(model=None, vocab=None, examples=("5 March 2021", "7/14
     fig, axes = plt.subplots(1, len(examples), figsize=(4.2 * len(examples), 4.4))
     for ax, w, source, row in zip(axes, weights, examples, out.tolist()):
         output = vocab.decode(row)
-        ax.imshow(w[:len(output), :len(source)], cmap="Blues", vmin=0)
+        ax.imshow(w[:len(output), :len(source)].numpy(), cmap="Blues", vmin=0)
         ax.set_xticks(range(len(source)), list(source))
         ax.set_yticks(range(len(output)), list(output))
         ax.set(title=f"{source!r} -> {output!r}", xlabel="source character", ylabel="output character")
