@@ -580,18 +580,21 @@ def held_back(text, stops):
 def stop_at_strings(pieces, stops):
     """Pass text pieces through until one of the strings stops appears; return before it.
 
-    What is yielded, joined, is the text up to the first occurrence of any stop string. Text
-    that might be the start of one is held back until the next piece decides.
+    What is yielded, joined, is the text before the first stop string to be completed (the
+    longest, if several end at the same character). The text is read one character at a
+    time, so the result does not depend on how it is cut into pieces. Text that might be the
+    start of a stop string is held back until the next piece decides.
     """
     stops = [s for s in stops if s]
     pending = ""
     for piece in pieces:
-        pending += piece
-        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-        if hits:
-            if min(hits):
-                yield pending[:min(hits)]
-            return  # the caller stops asking for tokens: generation ends here
+        for char in piece:
+            pending += char
+            stop = max((s for s in stops if pending.endswith(s)), key=len, default=None)
+            if stop is not None:
+                if len(pending) > len(stop):
+                    yield pending[:-len(stop)]
+                return  # the caller stops asking for tokens: generation ends here
         ready = len(pending) - held_back(pending, stops)
         if ready:
             yield pending[:ready]
