@@ -808,8 +808,8 @@ def plot_top_p():
     for ax, (title, logits) in zip(axes, cases.items()):
         probs = torch.softmax(logits, -1)
         kept = torch.isfinite(top_p_filter(logits[None], p)[0])
-        ax.bar(ranks, probs, color=["C0" if keep else "0.75" for keep in kept])
-        ax.plot(ranks, probs.cumsum(-1), "C1.-", ms=3, label="cumulative probability")
+        ax.bar(ranks.numpy(), probs.numpy(), color=["C0" if keep else "0.75" for keep in kept])
+        ax.plot(ranks.numpy(), probs.cumsum(-1).numpy(), "C1.-", ms=3, label="cumulative probability")
         ax.axhline(p, color="C1", ls=":", lw=1)
         ax.axvline(k + 0.5, color="C3", ls="--", lw=1, label=f"top-k cut, k = {k}")
         ax.set(title=f"{title}: top-p = {p} keeps {int(kept.sum())}", xlabel="token (by rank)")
