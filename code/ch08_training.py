@@ -400,6 +400,18 @@ def load_checkpoint(path, model, optimizer=None, generator=None):
 def _safetensors_metadata(data: bytes):
     header_len = int.from_bytes(data[:8], "little")
     return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+
+
+def checkpoint_metadata(path):
+    """What save_checkpoint stored beside the tensors (config, history, step), read from the
+    file's header only."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["book"])
+    except (SafetensorError, KeyError, ValueError, OSError) as error:
+        raise ValueError(f"{path} is not a checkpoint of this book (safetensors): {error!r}") from None
 # --8<-- [end:checkpoint]
 
 
@@ -504,8 +516,31 @@ def prepare_data(cfg, write=True):
         write_token_file(train_ids, out / "train.npy", tokenizer.vocab_size)
         write_token_file(val_ids, out / "val.npy", tokenizer.vocab_size)
         write_atomically(out / "tokenizer.json", json.dumps({"chars": tokenizer.chars}).encode())
-    tokenizer = CharTokenizer(json.loads((out / "tokenizer.json").read_bytes())["chars"])
-    return tokenizer, load_token_file(out / "train.npy"), load_token_file(out / "val.npy")
+    return load_tokenizer(out), load_token_file(out / "train.npy"), load_token_file(out / "val.npy")
+
+
+def load_tokenizer(out_dir):
+    """The character tokenizer that prepare_data saved in out_dir."""
+    return CharTokenizer(json.loads((Path(out_dir) / "tokenizer.json").read_bytes())["chars"])
+
+
+def model_for(cfg, vocab_size):
+    """The GPT (Chapter 6) that cfg describes, with fresh random weights."""
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                         n_head=cfg.n_head, d_model=cfg.d_model, dropout=cfg.dropout, bias=cfg.bias,
+                         positions=cfg.positions, mlp=cfg.mlp))
+
+
+def model_from_checkpoint(path, vocab_size):
+    """The trained GPT in a checkpoint, built from the TrainConfig stored with it, in eval
+    mode; returns (model, metadata). Unlike resuming, using a model leaves the global random
+    state as it was: neither building nor loading it reseeds the caller's code."""
+    info = checkpoint_metadata(path)
+    rng = torch.get_rng_state()
+    model = model_for(TrainConfig(**info["config"]), vocab_size)
+    load_checkpoint(path, model)
+    torch.set_rng_state(rng)
+    return model.eval(), info
 
 
 def make_optimizer(model, cfg):
@@ -576,9 +611,7 @@ def train(cfg, stop_after=None, log=print, runtime=None):
         tokenizer, train_data, val_data = prepare_data(cfg, write=runtime.is_main)
 
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, d_model=cfg.d_model, dropout=cfg.dropout, bias=cfg.bias,
-                          positions=cfg.positions, mlp=cfg.mlp)).to(device)
+    model = model_for(cfg, tokenizer.vocab_size).to(device)
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=scale_loss)
     batches = torch.Generator().manual_seed(cfg.seed)  # the data position, saved in checkpoints

@@ -21,7 +21,6 @@ D head width, S source length (encoder-decoder).
 
 # --8<-- [start:imports]
 import argparse
-import json
 import math
 import sys
 import time
@@ -33,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # the base of FlopCo
 
 from ch04_attention import repeat_kv
 from ch06_gpt import GPT, GPTConfig, flops_per_token
-from ch08_training import CharTokenizer, load_checkpoint, resolve_device
+from ch08_training import load_tokenizer, model_from_checkpoint, resolve_device
 # --8<-- [end:imports]
 
 
@@ -644,27 +643,11 @@ def load_trained(out_dir, device="cpu"):
             raise FileNotFoundError(f"{path} does not exist: train a model first, for example with "
                                     f"python code/ch08_training.py --out-dir {out}")
     try:
-        tokenizer = CharTokenizer(json.loads(vocabulary.read_text(encoding="utf-8"))["chars"])
-        cfg = checkpoint_metadata(checkpoint)["config"]
-        config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg["block_size"],
-                           n_layer=cfg["n_layer"], n_head=cfg["n_head"], d_model=cfg["d_model"],
-                           bias=cfg["bias"], positions=cfg["positions"], mlp=cfg["mlp"])
+        tokenizer = load_tokenizer(out)
+        model, _ = model_from_checkpoint(checkpoint, tokenizer.vocab_size)
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{out} does not hold a checkpoint of Chapter 8's trainer: {error}") from None
-    model = GPT(config)
-    load_checkpoint(checkpoint, model)  # raises ValueError for a file that is not one
-    return model.to(device).eval(), tokenizer
-
-
-def checkpoint_metadata(path):
-    """The JSON that Chapter 8's save_checkpoint stores in a safetensors file's header."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {})["book"])
-    except (SafetensorError, KeyError, ValueError, OSError) as error:
-        raise ValueError(f"{path} is not a checkpoint of this book (safetensors): {error!r}") from None
+    return model.to(device), tokenizer
 # --8<-- [end:load]
 
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from ch02_tokenizer import python_docs_text, split_train_val, train_bpe
-from ch06_gpt import GPT, GPTConfig
-from ch08_training import (RECIPES, AdamW, CharTokenizer, TrainConfig, bits_per_byte, clip_grad_norm, get_batch,
-                           load_checkpoint, lr_at, param_groups, perplexity, resolve_device, train)
+from ch08_training import (RECIPES, CharTokenizer, TrainConfig, bits_per_byte, clip_grad_norm, get_batch,
+                           lr_at, make_optimizer, model_for, model_from_checkpoint, perplexity,
+                           resolve_device, train)
 from ch09_generation import generate
 # --8<-- [end:imports]
 
@@ -191,13 +191,6 @@ def stride_sweep(model, ids, strides, block_size=None):
 # ---------------------------------------------------------------------------
 
 # --8<-- [start:models]
-def gpt_for(cfg, vocab_size):
-    """The chapter-6 GPT that chapter 8's train() builds for a TrainConfig."""
-    return GPT(GPTConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                         n_head=cfg.n_head, d_model=cfg.d_model, dropout=cfg.dropout, bias=cfg.bias,
-                         positions=cfg.positions, mlp=cfg.mlp))
-
-
 def train_on_tokens(cfg, train_ids, vocab_size):
     """Train a GPT on a token array with chapter 8's recipe (AdamW, warmup + cosine, clipping),
     in memory: for models whose tokenizer is not chapter 8's characters.
@@ -207,8 +200,8 @@ def train_on_tokens(cfg, train_ids, vocab_size):
     the training loss of every iteration)."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = gpt_for(cfg, vocab_size).to(device)
-    optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    model = model_for(cfg, vocab_size).to(device)
+    optimizer = make_optimizer(model, cfg)
     batches = torch.Generator().manual_seed(cfg.seed)
     losses = []
     for it in range(cfg.max_iters):
@@ -264,25 +257,6 @@ def train_with_checkpoints(cfg, keep_at, log=print):
         kept[it] = out / f"checkpoint-{it}.safetensors"
         shutil.copyfile(out / "checkpoint.safetensors", kept[it])
     return history, kept
-
-
-def load_run_tokenizer(out_dir):
-    """The character tokenizer that chapter 8's train() saved in out_dir."""
-    return CharTokenizer(json.loads((Path(out_dir) / "tokenizer.json").read_text())["chars"])
-
-
-def model_from_checkpoint(path, vocab_size):
-    """Rebuild the GPT of a chapter-8 checkpoint (its TrainConfig is in the file's metadata)
-    and load its weights. Returns (model in eval mode, metadata)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        cfg = TrainConfig(**json.loads(f.metadata()["book"])["config"])
-    rng = torch.get_rng_state()  # building and loading both change the global random state:
-    model = gpt_for(cfg, vocab_size)  # random initial weights (overwritten next),
-    info = load_checkpoint(path, model)  # and the run's own random state, restored with it
-    torch.set_rng_state(rng)  # loading a model for evaluation should not reseed the reader's code
-    return model.eval(), info
 # --8<-- [end:checkpoint-io]
 
 

@@ -6,7 +6,6 @@ Run against your own module with: pytest tests/test_ch08_training.py --impl my_c
 
 import dataclasses
 import hashlib
-import json
 import math
 import pickle
 
@@ -412,3 +411,21 @@ def test_cli_recipe_is_overridden_by_the_config_file_and_flags(ch, tmp_path):
     assert (cfg.max_iters, cfg.lr, cfg.positions) == (500, 0.001, "rope")
     with pytest.raises(SystemExit):
         ch.parse_args(["--recipe", "fastest"])
+
+
+def test_model_from_checkpoint_is_the_trained_model_and_leaves_the_random_state_alone(ch, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(ch, tmp_path, dropout=0.0)
+    ch.train(cfg, log=lambda s: None)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    model, info = ch.model_from_checkpoint(tmp_path / "checkpoint.safetensors", ch.load_tokenizer(tmp_path).vocab_size)
+    torch.testing.assert_close(torch.rand(3), expected)  # loading to use a model reseeds nothing
+    assert info["step"] == cfg.max_iters and info["config"]["d_model"] == cfg.d_model and not model.training
+    saved = load_file(tmp_path / "checkpoint.safetensors")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved["model." + name]), name
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        ch.checkpoint_metadata(tmp_path / "tokenizer.json")

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ch06_gpt import GPT, GPTConfig
-from ch08_training import CharTokenizer, lm_loss, load_token_file, train
+from ch08_training import CharTokenizer, lm_loss, load_token_file, load_tokenizer, model_from_checkpoint, train
 from ch09_generation import generate
 
 
@@ -232,7 +232,7 @@ def test_train_on_tokens_reproduces_chapter_8_train(ch, tmp_path):
     cfg = small_run(ch, tmp_path)
     history = train(cfg, log=lambda s: None)
     model, losses = ch.train_on_tokens(cfg, load_token_file(tmp_path / "train.npy"),
-                                       ch.load_run_tokenizer(tmp_path).vocab_size)
+                                       load_tokenizer(tmp_path).vocab_size)
     assert losses == pytest.approx(history["train"], rel=1e-6)
 
 
@@ -240,12 +240,12 @@ def test_kept_checkpoints_are_the_run_at_those_iterations(ch, tmp_path):
     cfg = small_run(ch, tmp_path / "run")
     history, kept = ch.train_with_checkpoints(cfg, keep_at=[6, 12], log=lambda s: None)
     assert sorted(kept) == [6, 12] and [it for it, _ in history["val"]] == [6, 12]
-    tokenizer = ch.load_run_tokenizer(tmp_path / "run")
+    tokenizer = load_tokenizer(tmp_path / "run")
     train_ids = load_token_file(tmp_path / "run" / "train.npy")
     for it in (6, 12):  # an uninterrupted run stopped at `it` has the same weights
         reference, _ = ch.train_on_tokens(small_run(ch, tmp_path, max_iters=it, decay_iters=12), train_ids,
                                           tokenizer.vocab_size)
-        loaded, info = ch.model_from_checkpoint(kept[it], tokenizer.vocab_size)
+        loaded, info = model_from_checkpoint(kept[it], tokenizer.vocab_size)
         assert info["step"] == it and not loaded.training
         for (name, p), q in zip(loaded.state_dict().items(), reference.state_dict().values()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
@@ -253,25 +253,15 @@ def test_kept_checkpoints_are_the_run_at_those_iterations(ch, tmp_path):
         ch.train_with_checkpoints(cfg, keep_at=[6], log=lambda s: None)
 
 
-def test_loading_a_checkpoint_leaves_the_random_state_alone(ch, tmp_path):
-    cfg = small_run(ch, tmp_path, max_iters=6, decay_iters=6)
-    _, kept = ch.train_with_checkpoints(cfg, keep_at=[6], log=lambda s: None)
-    torch.manual_seed(7)
-    expected = torch.rand(3)
-    torch.manual_seed(7)
-    ch.model_from_checkpoint(kept[6], ch.load_run_tokenizer(tmp_path).vocab_size)
-    torch.testing.assert_close(torch.rand(3), expected)
-
-
 def test_compare_checkpoints_scores_every_checkpoint_on_the_same_text(ch, tmp_path):
     cfg = small_run(ch, tmp_path)
     history, kept = ch.train_with_checkpoints(cfg, keep_at=[6, 12], log=lambda s: None)
-    tokenizer = ch.load_run_tokenizer(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
     text = tokenizer.decode(load_token_file(tmp_path / "val.npy")[:300].tolist())
     rows = ch.compare_checkpoints(kept, tokenizer, text, stride=1, history=history, window=4)
     assert [r["iteration"] for r in rows] == [6, 12]
     for row in rows:
-        model, _ = ch.model_from_checkpoint(kept[row["iteration"]], tokenizer.vocab_size)
+        model, _ = model_from_checkpoint(kept[row["iteration"]], tokenizer.vocab_size)
         ids = torch.tensor(tokenizer.encode(text))
         assert row["loss"] == pytest.approx(brute_force_nll(model, ids, 16) / (len(ids) - 1), rel=1e-5)
         it = row["iteration"]

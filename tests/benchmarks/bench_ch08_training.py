@@ -139,13 +139,10 @@ def _iterations_for(settings, seconds, data):
 
 def step_phases(settings, steps=60, warmup=10):
     """Median seconds of each phase of one training step of ``settings``, and the model."""
-    from ch06_gpt import GPT, GPTConfig
-
     cfg = t.TrainConfig(**settings)
     data = torch.randint(0, 65, (1_000_000,)).numpy().astype("uint16")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=65, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                          d_model=cfg.d_model, bias=cfg.bias, positions=cfg.positions, mlp=cfg.mlp))
+    model = t.model_for(cfg, vocab_size=65)
     opt = t.make_optimizer(model, cfg)
     g = torch.Generator().manual_seed(0)
     phases = {"data": [], "forward": [], "backward": [], "optimizer": []}
