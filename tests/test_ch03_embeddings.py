@@ -310,6 +310,20 @@ def test_rope_offset_equals_slicing_full_sequence(ch):
     torch.testing.assert_close(rope(x[:, :, 5:], positions=torch.arange(5, 8)), rope(x)[:, :, 5:])
 
 
+def test_rotary_embeddings_cached_table_equals_apply_rope(ch):
+    """The module keeps a table of cos/sin and grows it; it must rotate exactly as apply_rope."""
+    torch.manual_seed(0)
+    rope = ch.RotaryEmbedding(16)
+    for T in (3, 8, 40):  # the table grows twice
+        x = torch.randn(2, 4, T, 16)
+        torch.testing.assert_close(rope(x), ch.apply_rope(x, torch.arange(T)))
+        torch.testing.assert_close(rope(x[:, :, -1:], offset=T - 1), ch.apply_rope(x, torch.arange(T))[:, :, -1:])
+    pos = torch.randint(0, 100, (2, 5))  # per-row positions beyond the table
+    x = torch.randn(2, 4, 5, 16)
+    torch.testing.assert_close(rope(x, positions=pos), ch.apply_rope(x, pos))
+    torch.testing.assert_close(rope(x.double(), positions=pos), ch.apply_rope(x.double(), pos))  # rebuilt in float64
+
+
 def test_rope_per_sequence_positions_equal_a_loop(ch):
     torch.manual_seed(0)
     x = torch.randn(3, 2, 5, 8)
