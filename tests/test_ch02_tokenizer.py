@@ -21,7 +21,7 @@ import pytest
 import regex
 import tiktoken
 import tiktoken.load
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 DATA = Path(__file__).parent / "data" / "ch02"
@@ -271,8 +271,13 @@ def test_split_on_special_agrees_with_tiktoken(ch, official):
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def brute_force_merges(texts, vocab_size, pattern, specials=()):
-    """Reference BPE: every step recounts all pairs over all pieces of the corpus."""
+def brute_force_merges(texts, vocab_size, pattern, specials=(), tie_break="smallest"):
+    """Reference BPE: every step recounts all pairs over all pieces of the corpus.
+
+    Ties: "smallest" takes the smallest pair of ids; "greatest" the greatest pair of token
+    bytes, the rule of Stanford CS336's assignment: max((b"B", b"ZZ"), (b"BA", b"A")) wins.
+    """
+    token = {b: bytes([b]) for b in range(256)}  # id -> bytes
     words = []
     for text in texts:
         parts = regex.split("|".join(regex.escape(s) for s in specials), text) if specials \
@@ -285,8 +290,13 @@ def brute_force_merges(texts, vocab_size, pattern, specials=()):
         if not counts:
             break
         top = max(counts.values())
-        pair = min(p for p, c in counts.items() if c == top)  # ties: smallest pair of ids
+        tied = [p for p, c in counts.items() if c == top]
+        if tie_break == "smallest":
+            pair = min(tied)  # the smallest pair of ids
+        else:
+            pair = max(tied, key=lambda p: (token[p[0]], token[p[1]]))  # greatest bytes
         new_id = 256 + len(merges)
+        token[new_id] = token[pair[0]] + token[pair[1]]
         pair_text = "".join(map(chr, pair))  # str.replace: left to right, no overlaps
         words = [[ord(c) for c in "".join(map(chr, w)).replace(pair_text, chr(new_id))]
                  for w in words]
@@ -353,6 +363,95 @@ def test_naive_trainer_on_prose(ch, varied_text):
     text = varied_text[:3000]
     assert ch.train_bpe_naive(text, 300, ch.CL100K_PATTERN) == brute_force_merges(
         [text], 300, ch.CL100K_PATTERN)
+
+
+# Ties: hand-made corpora whose merges are decided by the tie rule. Pieces are cut at ",".
+TIE_CASES = [
+    # (a, b) and (b, a) both occur once.
+    ("ab,ba", {"smallest": [(97, 98), (98, 97)], "greatest": [(98, 97), (97, 98)]}),
+    # After (a, b) -> 256, (256, c) and (x, y) tie. As ids (256, 99) is the greater pair; as
+    # bytes (b"x", b"y") is, and that is what "greatest" compares.
+    ("abc,abc,ab,xy,xy", {"smallest": [(97, 98), (120, 121), (256, 99)],
+                          "greatest": [(97, 98), (120, 121), (256, 99)]}),
+    # CS336's example: after the tied (B, A) and (Z, Z), the pairs (A, B), (A, C), (B, ZZ) and
+    # (BA, A) tie; the handout merges (BA, A).
+    ("ZZ,ZZ,ZZ,BA,BA,BA,BAA,AB,AC,BZZ", {"smallest": [(66, 65), (90, 90), (65, 66)],
+                                          "greatest": [(90, 90), (66, 65), (257, 65)]}),
+]
+
+
+@pytest.mark.parametrize("text, expected", TIE_CASES)
+@pytest.mark.parametrize("tie_break", ["smallest", "greatest"])
+def test_each_tie_rule_picks_the_expected_pair(ch, text, expected, tie_break):
+    n = len(expected[tie_break])
+    assert ch.train_bpe(text, 256 + n, tie_break=tie_break).merges == expected[tie_break]
+    assert brute_force_merges([text], 256 + n, ch.GPT2_PATTERN,
+                              tie_break=tie_break) == expected[tie_break]
+
+
+@pytest.mark.exercise(2)
+def test_naive_trainer_follows_each_tie_rule(ch):
+    for text, expected in TIE_CASES:
+        for tie_break, merges in expected.items():
+            assert ch.train_bpe_naive(text, 256 + len(merges), tie_break=tie_break) == merges, \
+                (text, tie_break)
+
+
+@pytest.mark.exercise(2)
+@FAST
+@given(text=small_corpus, extra=st.integers(0, 30))
+def test_naive_trainer_greatest_rule_equals_brute_force(ch, text, extra):
+    assert ch.train_bpe_naive(text, 256 + extra, tie_break="greatest") == brute_force_merges(
+        [text], 256 + extra, ch.GPT2_PATTERN, tie_break="greatest")
+
+
+@pytest.mark.parametrize("tie_break", ["smallest", "greatest"])
+@FAST
+@given(text=small_corpus, extra=st.integers(0, 40))
+def test_fast_trainer_equals_naive_under_each_tie_rule(ch, tie_break, text, extra):
+    naive = ch.train_bpe_naive(text, 256 + extra, tie_break=tie_break)
+    words = Counter(piece.encode("utf-8") for piece in regex.findall(ch.GPT2_PATTERN, text))
+    assert ch.learn_merges(words, extra, tie_break) == naive
+    if naive and len(naive) == extra:
+        assert ch.train_bpe(text, 256 + extra, tie_break=tie_break).merges == naive
+
+
+def test_unknown_tie_rule_is_refused(ch):
+    for train in (lambda: ch.train_bpe("abab", 260, tie_break="first"),
+                  lambda: ch.train_bpe_naive("abab", 260, tie_break="first"),
+                  lambda: ch.learn_merges({b"abab": 1}, 4, tie_break="largest")):
+        with pytest.raises(ValueError, match="tie_break"):
+            train()
+
+
+@FAST
+@given(text=st.text(alphabet=st.sampled_from(list("abcAB1,.'s")), min_size=1, max_size=150),
+       extra=st.integers(1, 30))
+def test_hugging_face_trainer_breaks_ties_to_the_smallest_pair(ch, text, extra):
+    """Hugging Face's BPE trainer (Rust) also takes the smallest pair on a tie, of its own ids.
+
+    Its ids number the 256 bytes in the order of GPT-2's printable characters (a space is "Ġ",
+    U+0120, after every letter), which is byte order for printable ASCII: on such text it
+    learns exactly our merges (up to a merge that recreates an existing token, which it maps
+    to the old id).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.train_from_iterator([text], trainer=trainers.BpeTrainer(
+        vocab_size=256 + extra, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    theirs = [(left.encode("ascii"), right.encode("ascii"))  # printable ASCII is itself
+              for left, right in json.loads(hf.to_str())["model"]["merges"]]
+    words = Counter(piece.encode("utf-8") for piece in regex.findall(ch.GPT2_PATTERN, text))
+    vocab, ours = [bytes([b]) for b in range(256)], []
+    for left, right in ch.learn_merges(words, extra):
+        ours.append((vocab[left], vocab[right]))
+        vocab.append(vocab[left] + vocab[right])
+        if vocab[-1] in vocab[:-1]:
+            break  # a token made twice: from here Hugging Face's ids differ from ours
+    assert theirs[:len(ours)] == ours
 
 
 @pytest.mark.exercise(1)
@@ -463,6 +562,58 @@ def test_tiktoken_rank_files(ch, ours, tmp_path):
         ch.load_tiktoken_ranks(broken, sha)
 
 
+def test_atomic_path_replaces_the_file_only_on_success(ch, tmp_path):
+    path = tmp_path / "out" / "ids.npy"
+    with ch.atomic_path(path) as tmp:
+        assert tmp.parent == path.parent and tmp.suffix == ".npy"  # writers read the suffix
+        np.save(tmp, np.arange(5))  # any library can write it
+        assert not path.exists()  # nothing visible until the block ends
+    np.testing.assert_array_equal(np.load(path), np.arange(5))
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="killed"):
+        with ch.atomic_path(path) as tmp:
+            tmp.write_bytes(b"half a file")
+            raise RuntimeError("killed mid-write")
+    assert path.read_bytes() == before  # the old file is untouched
+    with pytest.raises(KeyboardInterrupt):
+        with ch.atomic_path(tmp_path / "out" / "new.npy") as tmp:
+            tmp.write_bytes(b"half a file")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ids.npy"]  # no temporary left
+
+
+def test_write_atomically_survives_a_failed_disk_write(ch, tmp_path, monkeypatch):
+    path = tmp_path / "tok.json"
+    ch.write_atomically(path, b"old")
+
+    def disk_full(fd):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(ch.os, "fsync", disk_full)  # fails after the data was written
+    with pytest.raises(OSError, match="no space"):
+        ch.write_atomically(path, b"new")
+    with pytest.raises(OSError, match="no space"):
+        ch.write_token_file([1, 2, 3], tmp_path / "ids.npy", 10)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["tok.json"]
+
+
+def test_atomic_files_get_the_usual_permissions(ch, tmp_path):
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"x")  # open()'s mode: 0o666 less the umask
+    ch.write_atomically(tmp_path / "atomic.bin", b"x")
+    assert (tmp_path / "atomic.bin").stat().st_mode == plain.stat().st_mode
+
+
+def test_write_token_file_keeps_the_old_file_on_bad_ids(ch, tmp_path):
+    path = tmp_path / "ids.npy"
+    ch.write_token_file([1, 2, 3], path, 10)
+    with pytest.raises(ValueError, match="token ids"):
+        ch.write_token_file(iter([4, 5, 30]), path, 10, block=2)  # fails in the second block
+    np.testing.assert_array_equal(np.load(path), [1, 2, 3])
+    assert [p.name for p in tmp_path.iterdir()] == ["ids.npy"]
+
+
 def test_gpt2_files_match_tiktoken_reader(ch):
     ranks = ch.load_gpt2_ranks(_vocab_file("vocab.bpe"), _vocab_file("encoder.json"))
     reference = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
@@ -493,6 +644,90 @@ def test_encode_stream_of_lines(ours, official, varied_text):
     assert list(ours["gpt2"].encode_stream([])) == []
     assert list(ours["gpt2"].encode_stream(["\ud83d", "\ude00 x"])) == \
         official["gpt2"].encode_ordinary("\ud83d\ude00 x")
+
+
+def cut_into_chunks(text, cuts):
+    """Cut text at the given positions (repeated positions give empty chunks)."""
+    bounds = [0, *sorted(min(c, len(text)) for c in cuts), len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+stream_words = st.sampled_from(["<|endoftext|>", "<|fim_prefix|>", "<|endofprompt|>", "<|",
+                                "|>", "endoftext", "<|endoftext", " ", "  ", "a", "\n", "é",
+                                "'s", "\ud83d", "\ude00"])
+STREAM_SPECIALS = [{}, {"disallowed_special": ()}, {"disallowed_special": "all"},
+                   {"allowed_special": "all"}, {"allowed_special": {"<|endoftext|>"}},
+                   {"allowed_special": {"<|endoftext|>"}, "disallowed_special": "all"}]
+
+
+@FAST
+@given(words=st.lists(stream_words, max_size=30), cuts=st.lists(st.integers(0, 300), max_size=12),
+       kwargs=st.sampled_from(STREAM_SPECIALS))
+def test_encode_stream_handles_special_tokens_like_encode(ours, official, words, cuts, kwargs):
+    """However the text is cut, the stream gives tiktoken's encode ids (or its ValueError).
+
+    The stream's only different default: disallowed_special=() (ordinary text)."""
+    text = "".join(words)
+    chunks = cut_into_chunks(text, cuts)
+    as_encode = {"disallowed_special": (), **kwargs}
+    for name in ("gpt2", "cl100k"):
+        try:
+            expected = official[name].encode(text, **as_encode)
+        except ValueError:
+            with pytest.raises(ValueError, match="disallowed"):
+                list(ours[name].encode_stream(chunks, **kwargs))
+            continue
+        assert list(ours[name].encode_stream(chunks, **kwargs)) == expected
+        assert ours[name].encode(text, **as_encode) == expected
+
+
+@pytest.fixture(scope="module")
+def nested_specials(ch, ours):
+    """A tokenizer whose special tokens are prefixes of one another."""
+    return ch.Tokenizer(ours["gpt2"].ranks, ch.GPT2_PATTERN,
+                        {"<|a|>": 50257, "<|a|>b": 50258, "<|a|>bc<|": 50259})
+
+
+@FAST
+@given(words=st.lists(st.sampled_from(["<|a|>", "<|a|>b", "<|", "|>", "a", "b", "c", " "]),
+                      max_size=25),
+       cuts=st.lists(st.integers(0, 100), max_size=10))
+@example(words=["x", "<|a|>", "b"], cuts=[6])  # "x<|a|>" + "b": the b makes "<|a|>b"
+@example(words=["<|a|>", "b", "c", "<|", "|>"], cuts=[7])  # "<|a|>bc" + "<||>"
+def test_encode_stream_waits_for_the_longest_special_token(nested_specials, words, cuts):
+    """A special token that is the start of a longer one is decided only when the text after
+    it has arrived: the stream equals encode on every cut."""
+    text = "".join(words)
+    chunks = cut_into_chunks(text, cuts)
+    for allowed in ["all", {"<|a|>"}, {"<|a|>b"}, {"<|a|>", "<|a|>bc<|"}]:
+        assert list(nested_specials.encode_stream(chunks, allowed_special=allowed)) == \
+            nested_specials.encode(text, allowed_special=allowed, disallowed_special=())
+
+
+def test_encode_stream_keeps_a_cut_special_token_whole(ours, official):
+    text = "end of one document<|endoftext|>start of the next"
+    chars = list(text)  # the special token arrives one character at a time
+    ids = list(ours["gpt2"].encode_stream(chars, allowed_special={"<|endoftext|>"}))
+    assert ids == official["gpt2"].encode(text, allowed_special={"<|endoftext|>"})
+    assert ids.count(50256) == 1
+    assert list(ours["gpt2"].encode_stream(chars)) == official["gpt2"].encode_ordinary(text)
+    with pytest.raises(ValueError, match="endoftext"):
+        list(ours["gpt2"].encode_stream(["a <|endof", "text|> b"], disallowed_special="all"))
+    with pytest.raises(ValueError, match="not special tokens"):
+        list(ours["gpt2"].encode_stream(["a"], allowed_special={"<|nope|>"}))
+
+
+def test_prepare_token_files_passes_special_tokens_on(ch, ours, official, tmp_path):
+    text = "<|endoftext|>".join(["first document", "second document", "the third, last"] * 20)
+    chunks = cut_into_chunks(text, range(0, len(text), 7))
+    paths = ch.prepare_token_files(ours["gpt2"], chunks, tmp_path / "data",
+                                   allowed_special={"<|endoftext|>"})
+    ids = np.concatenate([ch.load_token_file(paths["train"]), ch.load_token_file(paths["val"])])
+    assert ids.tolist() == official["gpt2"].encode(text, allowed_special={"<|endoftext|>"})
+    with pytest.raises(ValueError, match="endoftext"):
+        ch.prepare_token_files(ours["gpt2"], chunks, tmp_path / "refused",
+                               disallowed_special="all")
+    assert list((tmp_path / "refused").iterdir()) == []
 
 
 def test_token_file_round_trip(ch, tmp_path):
