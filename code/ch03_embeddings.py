@@ -334,33 +334,33 @@ class RotaryEmbedding(nn.Module):
 
 # --8<-- [start:alibi]
 # Exercise 3: ALiBi slopes
-def alibi_slopes(n_heads):
-    """The per-head slopes of ALiBi, a float32 tensor (n_heads,).
+def alibi_slopes(n_head):
+    """The per-head slopes of ALiBi, a float32 tensor (n_head,).
 
     For n heads, n a power of two: the geometric sequence 2**(-8/n), 2**(-16/n), ...,
     2**(-8), whose first term and ratio are both 2**(-8/n); for 8 heads 1/2, 1/4, ..., 1/256.
-    Otherwise, with c the largest power of two below n_heads: the c slopes of c heads, then
+    Otherwise, with c the largest power of two below n_head: the c slopes of c heads, then
     every other slope of 2c heads (slopes(2c)[0::2]), as many as are still missing. This is
     the rule of the authors' code (Press et al., 2022).
     """
-    if n_heads < 1:
-        raise ValueError(f"n_heads must be positive, got {n_heads}")
+    if n_head < 1:
+        raise ValueError(f"n_head must be positive, got {n_head}")
 
     def power_of_two_slopes(n):
         start = 2.0 ** (-8.0 / n)
         return [start ** (i + 1) for i in range(n)]
 
-    closest = 2 ** math.floor(math.log2(n_heads))
+    closest = 2 ** math.floor(math.log2(n_head))
     slopes = power_of_two_slopes(closest)
-    if closest != n_heads:  # interleave in the slopes that 2 * closest heads would get
-        slopes += power_of_two_slopes(2 * closest)[0::2][: n_heads - closest]
+    if closest != n_head:  # interleave in the slopes that 2 * closest heads would get
+        slopes += power_of_two_slopes(2 * closest)[0::2][: n_head - closest]
     return torch.tensor(slopes, dtype=torch.float32)
 # --8<-- [end:alibi]
 
 
 # --8<-- [start:alibi-bias]
-def alibi_bias(n_heads, q_len, k_len=None, device=None, dtype=torch.float32):
-    """The ALiBi bias (n_heads, q_len, k_len) to add to attention scores.
+def alibi_bias(n_head, q_len, k_len=None, device=None, dtype=torch.float32):
+    """The ALiBi bias (n_head, q_len, k_len) to add to attention scores.
 
     bias[h, i, j] = -slope_h * |pos_i - j|, where the queries are the LAST q_len of the
     k_len positions (pos_i = k_len - q_len + i), as in generation with a KV cache. On the
@@ -373,7 +373,7 @@ def alibi_bias(n_heads, q_len, k_len=None, device=None, dtype=torch.float32):
     q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (Tq, 1)
     k_pos = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
     distance = (q_pos - k_pos).abs().to(dtype)  # (Tq, Tk)
-    slopes = alibi_slopes(n_heads).to(device=device, dtype=dtype)  # (H,)
+    slopes = alibi_slopes(n_head).to(device=device, dtype=dtype)  # (H,)
     return -slopes[:, None, None] * distance  # (H, Tq, Tk)
 # --8<-- [end:alibi-bias]
 
@@ -392,9 +392,9 @@ class TinyAttentionLayer(nn.Module):
     Causal attention with PyTorch's kernel. rope / alibi switch on those encodings.
     """
 
-    def __init__(self, d_model, n_heads, rope=False, alibi=False):
+    def __init__(self, d_model, n_head, rope=False, alibi=False):
         super().__init__()
-        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.n_head, self.head_dim = n_head, d_model // n_head
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
@@ -406,13 +406,13 @@ class TinyAttentionLayer(nn.Module):
     def forward(self, x):  # (B, T, C)
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(C, dim=-1)
-        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
                    for t in (q, k, v))
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)
         if self.alibi:  # ALiBi bias plus the causal mask, as one additive tensor
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            bias = alibi_bias(self.n_heads, T, device=x.device).masked_fill(~causal, float("-inf"))
+            bias = alibi_bias(self.n_head, T, device=x.device).masked_fill(~causal, float("-inf"))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -421,9 +421,9 @@ class TinyAttentionLayer(nn.Module):
 
 
 class TinyPositionModel(nn.Module):
-    """Token embedding, one positional encoding, n_layers causal layers, a linear read-out."""
+    """Token embedding, one positional encoding, n_layer causal layers, a linear read-out."""
 
-    def __init__(self, encoding, vocab_size, d_model=32, n_heads=4, n_layers=2, max_positions=256):
+    def __init__(self, encoding, vocab_size, d_model=32, n_head=4, n_layer=2, max_positions=256):
         super().__init__()
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
@@ -434,8 +434,8 @@ class TinyPositionModel(nn.Module):
             "sinusoidal": SinusoidalPositionalEncoding(d_model, max_positions),
         }.get(encoding)
         self.layers = nn.ModuleList(
-            TinyAttentionLayer(d_model, n_heads, rope=encoding == "rope", alibi=encoding == "alibi")
-            for _ in range(n_layers)
+            TinyAttentionLayer(d_model, n_head, rope=encoding == "rope", alibi=encoding == "alibi")
+            for _ in range(n_layer)
         )
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
@@ -587,10 +587,10 @@ def plot_alibi_bias():
     """The ALiBi bias of 4 of 8 heads on a causal 12 x 12 score matrix."""
     import matplotlib.pyplot as plt
 
-    n_heads, T = 8, 12
-    bias = alibi_bias(n_heads, T)
+    n_head, T = 8, 12
+    bias = alibi_bias(n_head, T)
     bias = bias.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("nan"))
-    slopes = alibi_slopes(n_heads)
+    slopes = alibi_slopes(n_head)
     fig, axes = plt.subplots(1, 4, figsize=(11, 3.2), layout="constrained")
     for ax, h in zip(axes, (0, 1, 3, 7)):
         im = ax.imshow(bias[h].numpy(), cmap="viridis", vmin=-6, vmax=0)

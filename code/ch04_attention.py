@@ -4,7 +4,7 @@
 - scaled dot-product attention, softmax(q k^T / sqrt(d_k) + mask) v, with its backward pass
   derived by hand (the softmax Jacobian) and a blockwise "online softmax" version, the idea
   behind flash attention, that never stores the (T, T) matrix;
-- MultiHeadAttention with grouped-query / multi-query attention (n_kv_heads), self- and
+- MultiHeadAttention with grouped-query / multi-query attention (n_kv_head), self- and
   cross-attention, causal and padding masks, additive biases (ALiBi), rotary embeddings
   (RoPE) and a switch to PyTorch's fused kernel.
 
@@ -253,33 +253,33 @@ class MultiHeadAttention(nn.Module):
     Weights: q_proj (C -> H*D), k_proj and v_proj (C -> Hkv*D), out_proj (H*D -> C), four
     separate nn.Linear layers (the layout of Hugging Face's Llama; GPT-2's fused c_attn and
     torch.nn.MultiheadAttention's in_proj are split by load_fused_qkv).
-    n_kv_heads: None or n_heads = multi-head attention, 1 = multi-query, in between = grouped-query.
+    n_kv_head: None or n_head = multi-head attention, 1 = multi-query, in between = grouped-query.
     dropout: on the attention weights, in training mode only.
     rope: rotate q and k with RotaryEmbedding(D, rope_base, rope_interleaved) (self-attention only).
     alibi: add the ALiBi bias of Chapter 3 to the scores (self-attention only).
     use_fused: compute attention with torch.nn.functional.scaled_dot_product_attention.
     """
 
-    def __init__(self, d_model, n_heads, n_kv_heads=None, bias=True, dropout=0.0, rope=False,
+    def __init__(self, d_model, n_head, n_kv_head=None, bias=True, dropout=0.0, rope=False,
                  rope_base=10000.0, rope_interleaved=False, alibi=False, use_fused=False):
         super().__init__()
-        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        if d_model % n_heads:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        if n_kv_heads < 1 or n_heads % n_kv_heads:
-            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
-        self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        if d_model % n_head:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_head ({n_head})")
+        if n_kv_head < 1 or n_head % n_kv_head:
+            raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
+        self.d_model, self.n_head, self.n_kv_head = d_model, n_head, n_kv_head
+        self.head_dim = d_model // n_head
         self.dropout, self.use_fused, self.alibi = dropout, use_fused, alibi
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
-        self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.q_proj = nn.Linear(d_model, n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_head * self.head_dim, bias=bias)
+        self.out_proj = nn.Linear(n_head * self.head_dim, d_model, bias=bias)
         self.rope = RotaryEmbedding(self.head_dim, rope_base, rope_interleaved) if rope else None
 
-    def split_heads(self, x, n_heads):  # (B, T, n_heads * D) -> (B, n_heads, T, D)
+    def split_heads(self, x, n_head):  # (B, T, n_head * D) -> (B, n_head, T, D)
         B, T, _ = x.shape
-        return x.view(B, T, n_heads, self.head_dim).transpose(1, 2)
+        return x.view(B, T, n_head, self.head_dim).transpose(1, 2)
 
     def merge_heads(self, x):  # (B, H, T, D) -> (B, T, H * D): concatenate the heads
         B, H, T, D = x.shape
@@ -302,9 +302,9 @@ class MultiHeadAttention(nn.Module):
         self._check_inputs(x, kv)
         B, Tq, _ = x.shape
         source = x if kv is None else kv
-        q = self.split_heads(self.q_proj(x), self.n_heads)  # (B, H, Tq, D)
-        k = self.split_heads(self.k_proj(source), self.n_kv_heads)  # (B, Hkv, Tk, D)
-        v = self.split_heads(self.v_proj(source), self.n_kv_heads)  # (B, Hkv, Tk, D)
+        q = self.split_heads(self.q_proj(x), self.n_head)  # (B, H, Tq, D)
+        k = self.split_heads(self.k_proj(source), self.n_kv_head)  # (B, Hkv, Tk, D)
+        v = self.split_heads(self.v_proj(source), self.n_kv_head)  # (B, Hkv, Tk, D)
 
         if self.rope is not None:  # rotate by absolute position; cached keys were rotated before
             offset = kv_cache.seq_len if kv_cache is not None and positions is None else 0
@@ -312,9 +312,9 @@ class MultiHeadAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, Hkv, Tk, D) with Tk = past + Tq
         Tk = k.shape[-2]
-        self._check_masks(padding_mask, attn_mask, (B, self.n_heads, Tq, Tk))
+        self._check_masks(padding_mask, attn_mask, (B, self.n_head, Tq, Tk))
 
-        n_rep = self.n_heads // self.n_kv_heads
+        n_rep = self.n_head // self.n_kv_head
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, Tk, D): kv head g serves a group
         fused = self.use_fused and not need_weights
         # PyTorch's kernel takes is_causal only without another mask, and aligns it top-left.
@@ -324,7 +324,7 @@ class MultiHeadAttention(nn.Module):
             causal_mask(Tq, Tk, x.device) if causal and not fused_causal else None,
             padding_to_attn_mask(padding_mask) if padding_mask is not None else None,  # (B,1,1,Tk)
             attn_mask,
-            alibi_bias(self.n_heads, Tq, Tk, x.device, q.dtype) if self.alibi else None,  # H,Tq,Tk
+            alibi_bias(self.n_head, Tq, Tk, x.device, q.dtype) if self.alibi else None,  # H,Tq,Tk
             dtype=q.dtype,
         )
         dropout_p = self.dropout if self.training else 0.0
@@ -371,9 +371,9 @@ class MultiHeadAttention(nn.Module):
         torch.nn.MultiheadAttention's in_proj_weight has this layout; GPT-2's Conv1D c_attn
         stores the transpose, so pass c_attn.weight.T and c_attn.bias.
         """
-        if self.n_kv_heads != self.n_heads:
+        if self.n_kv_head != self.n_head:
             raise ValueError("a fused [q; k; v] projection has as many key/value heads as "
-                             "query heads (n_kv_heads == n_heads)")
+                             "query heads (n_kv_head == n_head)")
         if weight.shape != (3 * self.d_model, self.d_model):
             raise ValueError(f"expected weight of shape {(3 * self.d_model, self.d_model)}, "
                              f"got {tuple(weight.shape)}")
@@ -384,7 +384,7 @@ class MultiHeadAttention(nn.Module):
                 proj.bias.copy_(b)
 
     def extra_repr(self):
-        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}"
+        return f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, head_dim={self.head_dim}"
 # --8<-- [end:mha]
 
 
@@ -400,13 +400,13 @@ class ReversalModel(nn.Module):
     residual connection, so everything the output knows must come through attention.
     """
 
-    def __init__(self, n_symbols, length, d_model=32, n_heads=1):
+    def __init__(self, n_symbols, length, d_model=32, n_head=1):
         super().__init__()
         from ch03_embeddings import LearnedPositionalEmbedding, TokenEmbedding
 
         self.embed = TokenEmbedding(n_symbols, d_model)
         self.positions = LearnedPositionalEmbedding(length, d_model)
-        self.attn = MultiHeadAttention(d_model, n_heads)
+        self.attn = MultiHeadAttention(d_model, n_head)
         self.head = nn.Linear(d_model, n_symbols)
 
     def forward(self, ids):  # (B, T) -> logits (B, T, V), weights (B, H, T, T)
@@ -443,7 +443,7 @@ def best_time(fn, repeats=3):
 
 
 @torch.no_grad()
-def measure_attention_cost(seq_lens=(128, 256, 512, 1024, 2048), n_heads=4, head_dim=32,
+def measure_attention_cost(seq_lens=(128, 256, 512, 1024, 2048), n_head=4, head_dim=32,
                            repeats=3, block_size=128):
     """Forward time of three attentions, and the size of the score tensor each keeps, per length.
 
@@ -454,7 +454,7 @@ def measure_attention_cost(seq_lens=(128, 256, 512, 1024, 2048), n_heads=4, head
     keys = ("seq_len", "ours_s", "blockwise_s", "fused_s", "ours_bytes", "blockwise_bytes")
     out = {key: [] for key in keys}
     for T in seq_lens:
-        q, k, v = (torch.randn(1, n_heads, T, head_dim) for _ in range(3))
+        q, k, v = (torch.randn(1, n_head, T, head_dim) for _ in range(3))
         out["seq_len"].append(T)
         runs = {"ours_s": partial(scaled_dot_product_attention, q, k, v, is_causal=True),
                 "blockwise_s": partial(blockwise_attention, q, k, v, block_size, is_causal=True),

@@ -110,8 +110,11 @@ class LayerNorm(nn.Module):
 
 
 # --8<-- [start:exercise-2]
+RMS_NORM_EPS = 1e-6  # Llama's default, and the book's for every RMSNorm
+
+
 # Exercise 2: RMSNorm
-def rms_norm(x, weight=None, eps=1e-6):
+def rms_norm(x, weight=None, eps=RMS_NORM_EPS):
     """RMSNorm: x / sqrt(mean(x**2) + eps) * weight, over the last dimension. No centering, no bias.
 
     x (..., C), weight (C,) or None. Half-precision inputs are normalized in float32 and cast
@@ -127,7 +130,7 @@ def rms_norm(x, weight=None, eps=1e-6):
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich, 2019) with a learned scale, as in Llama."""
 
-    def __init__(self, d_model, eps=1e-6):
+    def __init__(self, d_model, eps=RMS_NORM_EPS):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d_model))
@@ -136,12 +139,14 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def make_norm(kind, d_model, eps=1e-5, bias=True):
-    """'layernorm' -> LayerNorm, 'rmsnorm' -> RMSNorm (which has no bias to switch off)."""
+def make_norm(kind, d_model, eps=None, bias=True, fused=True):
+    """'layernorm' -> LayerNorm, 'rmsnorm' -> RMSNorm (which has no bias to switch off).
+    eps=None: each norm's own default (1e-5 for LayerNorm, RMS_NORM_EPS for RMSNorm);
+    fused=False: LayerNorm runs the book's formula instead of torch's kernel."""
     if kind == "layernorm":
-        return LayerNorm(d_model, eps, bias)
+        return LayerNorm(d_model, 1e-5 if eps is None else eps, bias, fused)
     if kind == "rmsnorm":
-        return RMSNorm(d_model, eps)
+        return RMSNorm(d_model, RMS_NORM_EPS if eps is None else eps)
     raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
 # --8<-- [end:rms-norm-module]
 
@@ -255,22 +260,25 @@ class Block(nn.Module):
 
     cross_attention=True adds a sublayer between the two that attends from x to `memory`,
     the encoder's output: the decoder block of the encoder-decoder Transformer.
-    n_kv_head < n_head gives grouped-query attention; rope=True rotates queries and keys.
+    n_kv_head < n_head gives grouped-query attention; rope=True rotates queries and keys
+    (pairs of adjacent numbers with rope_interleaved, else the two halves: Chapter 3).
     dropout applies to the attention weights and to each sublayer's output (residual dropout).
+    norm_eps=None takes the norm's own default; use_fused=False runs the book's own attention
+    and LayerNorm (Chapters 4 and 5) instead of torch's fused kernels.
     """
 
     def __init__(self, d_model, n_head, n_kv_head=None, d_ff=None, *, dropout=0.0, bias=True,
-                 norm="layernorm", norm_eps=1e-5, mlp="gelu", prenorm=True, cross_attention=False,
-                 rope=False, rope_base=10000.0, use_fused=True):
+                 norm="layernorm", norm_eps=None, mlp="gelu", prenorm=True, cross_attention=False,
+                 rope=False, rope_base=10000.0, rope_interleaved=False, use_fused=True):
         super().__init__()
         self.prenorm = prenorm
-        self.attn_norm = make_norm(norm, d_model, norm_eps, bias)
+        self.attn_norm = make_norm(norm, d_model, norm_eps, bias, use_fused)
         self.attn = MultiHeadAttention(d_model, n_head, n_kv_head, bias=bias, dropout=dropout, rope=rope,
-                                       rope_base=rope_base, use_fused=use_fused)
-        self.cross_norm = make_norm(norm, d_model, norm_eps, bias) if cross_attention else None
+                                       rope_base=rope_base, rope_interleaved=rope_interleaved, use_fused=use_fused)
+        self.cross_norm = make_norm(norm, d_model, norm_eps, bias, use_fused) if cross_attention else None
         self.cross_attn = (MultiHeadAttention(d_model, n_head, n_kv_head, bias=bias, dropout=dropout,
                                               use_fused=use_fused) if cross_attention else None)
-        self.mlp_norm = make_norm(norm, d_model, norm_eps, bias)
+        self.mlp_norm = make_norm(norm, d_model, norm_eps, bias, use_fused)
         self.mlp = make_mlp(mlp, d_model, d_ff, bias)
         self.drop = nn.Dropout(dropout)
 
@@ -402,23 +410,23 @@ def block_num_parameters(d_model, n_head, n_kv_head=None, d_ff=None, bias=True, 
 # ---------------------------------------------------------------------------------------
 
 # --8<-- [start:experiments]
-def make_stack(n_layers, d_model=64, n_head=4, prenorm=True, init="gpt2", scaled=True, seed=0):
-    """n_layers blocks in a ModuleList, initialised like GPT-2 (scaled or not) or like the
+def make_stack(n_layer, d_model=64, n_head=4, prenorm=True, init="gpt2", scaled=True, seed=0):
+    """n_layer blocks in a ModuleList, initialised like GPT-2 (scaled or not) or like the
     original Transformer (init="xavier": Xavier-uniform matrices, as torch.nn.Transformer)."""
     torch.manual_seed(seed)
-    stack = nn.ModuleList(Block(d_model, n_head, prenorm=prenorm) for _ in range(n_layers))
+    stack = nn.ModuleList(Block(d_model, n_head, prenorm=prenorm) for _ in range(n_layer))
     if init == "xavier":
         for p in stack.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
         return stack
-    return init_gpt2_(stack, n_residual=2 * n_layers if scaled else 1)
+    return init_gpt2_(stack, n_residual=2 * n_layer if scaled else 1)
 
 
-def final_residual_std(n_layers, scaled=True, d_model=128, batch=4, seq_len=16, seed=0):
-    """Std of the residual stream after n_layers pre-norm blocks at GPT-2 initialisation,
+def final_residual_std(n_layer, scaled=True, d_model=128, batch=4, seq_len=16, seed=0):
+    """Std of the residual stream after n_layer pre-norm blocks at GPT-2 initialisation,
     for an input of std 0.02, the size of GPT-2's initial embeddings."""
-    stack = make_stack(n_layers, d_model, scaled=scaled, seed=seed)
+    stack = make_stack(n_layer, d_model, scaled=scaled, seed=seed)
     x = 0.02 * torch.randn(batch, seq_len, d_model, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         for block in stack:
@@ -426,7 +434,7 @@ def final_residual_std(n_layers, scaled=True, d_model=128, batch=4, seq_len=16, 
     return x.std().item()
 
 
-def gradient_norms_by_depth(n_layers=24, prenorm=True, d_model=64, batch=4, seq_len=16, seed=0):
+def gradient_norms_by_depth(n_layer=24, prenorm=True, d_model=64, batch=4, seq_len=16, seed=0):
     """Gradient norms at initialisation (Xavier, as in the original Transformer), by block.
 
     Returns (input_grads, weight_grads): |dL/dx| at each block's input and |dL/dW| of each
@@ -434,7 +442,7 @@ def gradient_norms_by_depth(n_layers=24, prenorm=True, d_model=64, batch=4, seq_
     square of a fixed random read-out of the stack's output (after a final norm for pre-norm,
     as in GPT-2), a stand-in for a language-model loss.
     """
-    stack = make_stack(n_layers, d_model, prenorm=prenorm, init="xavier", seed=seed)
+    stack = make_stack(n_layer, d_model, prenorm=prenorm, init="xavier", seed=seed)
     final_norm = LayerNorm(d_model) if prenorm else nn.Identity()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, seq_len, d_model, generator=gen)
@@ -476,11 +484,11 @@ def plot_gradient_flow():
     """Pre-norm versus post-norm gradients by depth, and the residual stream with/without scaled init."""
     import matplotlib.pyplot as plt
 
-    n_layers = 24
+    n_layer = 24
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for prenorm, label in ((False, "post-norm"), (True, "pre-norm")):
-        _, weight_grads = gradient_norms_by_depth(n_layers, prenorm)
-        ax1.plot(range(1, n_layers + 1), weight_grads, "o-", ms=3, label=label)
+        _, weight_grads = gradient_norms_by_depth(n_layer, prenorm)
+        ax1.plot(range(1, n_layer + 1), weight_grads, "o-", ms=3, label=label)
     ax1.set(yscale="log", xlabel="block (1 = next to the embeddings)", ylabel="|dL/dW| of the MLP's first matrix",
             title="Gradients at initialisation, 24 blocks")
     ax1.legend()

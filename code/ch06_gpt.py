@@ -40,12 +40,13 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in every Linear and LayerNorm
     norm: str = "layernorm"  # or "rmsnorm"
-    norm_eps: float = 1e-5
+    norm_eps: float | None = None  # None: the norm's default, 1e-5 for LayerNorm, 1e-6 for RMSNorm
     mlp: str = "gelu_tanh"  # "gelu" (exact), "gelu_tanh" (GPT-2's), "relu" or "swiglu"
     positions: str = "learned"  # learned absolute positions (GPT-2) or "rope" (Llama)
     rope_base: float = 10000.0
+    rope_interleaved: bool = False  # rotate adjacent pairs (GPT-J, llama.cpp) instead of halves (Llama)
     tie_weights: bool = True  # the output head shares the token embedding matrix
-    use_fused: bool = True  # attention by torch's fused kernel; False: Chapter 4's own code
+    use_fused: bool = True  # torch's fused attention and LayerNorm; False: Chapters 4 and 5's own code
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
@@ -76,8 +77,7 @@ class GPTConfig:
     def llama_style(cls, **overrides):
         """The Llama recipe on the same components: RMSNorm, SwiGLU, RoPE, grouped-query
         attention, no biases, untied head. Sizes default to GPT-2 small's, with 4 kv heads."""
-        llama = dict(n_kv_head=4, bias=False, norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
-                     positions="rope", tie_weights=False)
+        llama = dict(n_kv_head=4, bias=False, norm="rmsnorm", mlp="swiglu", positions="rope", tie_weights=False)
         return cls(**{**llama, **overrides})
 
     @classmethod
@@ -102,10 +102,10 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(c.d_model, c.n_head, c.n_kv_head, c.d_ff, dropout=c.dropout, bias=c.bias, norm=c.norm,
                   norm_eps=c.norm_eps, mlp=c.mlp, prenorm=True, rope=c.positions == "rope",
-                  rope_base=c.rope_base, use_fused=c.use_fused)
+                  rope_base=c.rope_base, rope_interleaved=c.rope_interleaved, use_fused=c.use_fused)
             for _ in range(c.n_layer)
         )
-        self.norm_f = make_norm(c.norm, c.d_model, c.norm_eps, c.bias)  # pre-norm needs a last norm
+        self.norm_f = make_norm(c.norm, c.d_model, c.norm_eps, c.bias, c.use_fused)  # pre-norm needs a last norm
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)  # (V, C)
         init_gpt2_(self, n_residual=2 * c.n_layer)  # two residual branches per block
         if c.tie_weights:
@@ -164,45 +164,37 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len=None):
         """Forward-pass FLOPs per token with seq_len tokens of context (see flops_per_token)."""
         return flops_per_token(self.config, seq_len)
+
+    # --8<-- [start:exercise-1]
+    # Exercise 1: weight tying
+    def tie_weights(self):
+        """Make the output head use the token embedding matrix: one nn.Parameter,
+        used twice (__init__ calls this when config.tie_weights is True).
+
+        Both are (V, C): the embedding looks row i up for token i, the head scores token i
+        with the dot product of row i and the final hidden state. After tying, the model has
+        V * C parameters fewer, and the shared matrix gets the gradients of both uses.
+        """
+        self.lm_head.weight = self.tok_emb.weight
+    # --8<-- [end:exercise-1]
+
+    # --8<-- [start:exercise-4]
+    # Exercise 4: greedy generation
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens):
+        """Extend idx (B, T) by max_new_tokens tokens, each the argmax of the
+        next-token logits; returns (B, T + max_new_tokens). The model reads at most the last
+        block_size tokens (crop the context), and only the logits of the last position matter.
+        Call model.eval() first, so that dropout is off.
+        """
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]  # (B, <= block_size)
+            logits, _ = self(context)  # (B, T, V)
+            next_id = logits[:, -1, :].argmax(dim=-1, keepdim=True)  # (B, 1)
+            idx = torch.cat([idx, next_id], dim=1)
+        return idx
+    # --8<-- [end:exercise-4]
 # --8<-- [end:gpt]
-
-
-# --8<-- [start:exercise-1]
-# Exercise 1: weight tying
-def tie_weights(self):
-    """Make the output head of the GPT `self` use the token embedding matrix: one nn.Parameter,
-    used twice (GPT.__init__ calls this when config.tie_weights is True).
-
-    Both are (V, C): the embedding looks row i up for token i, the head scores token i
-    with the dot product of row i and the final hidden state. After tying, the model has
-    V * C parameters fewer, and the shared matrix gets the gradients of both uses.
-    """
-    self.lm_head.weight = self.tok_emb.weight
-
-
-GPT.tie_weights = tie_weights
-# --8<-- [end:exercise-1]
-
-
-# --8<-- [start:exercise-4]
-# Exercise 4: greedy generation
-@torch.no_grad()
-def generate(self, idx, max_new_tokens):
-    """Extend idx (B, T) by max_new_tokens tokens, each the argmax of the GPT's (self's)
-    next-token logits; returns (B, T + max_new_tokens). The model reads at most the last
-    block_size tokens (crop the context), and only the logits of the last position matter.
-    Call model.eval() first, so that dropout is off.
-    """
-    for _ in range(max_new_tokens):
-        context = idx[:, -self.config.block_size:]  # (B, <= block_size)
-        logits, _ = self(context)  # (B, T, V)
-        next_id = logits[:, -1, :].argmax(dim=-1, keepdim=True)  # (B, 1)
-        idx = torch.cat([idx, next_id], dim=1)
-    return idx
-
-
-GPT.generate = generate
-# --8<-- [end:exercise-4]
 
 
 # --8<-- [start:components]

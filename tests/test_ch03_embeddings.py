@@ -361,9 +361,9 @@ def test_alibi_slopes_of_the_paper(ch):
 def test_alibi_slopes_match_bloom(ch):
     from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
-    for n_heads in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 40, 64, 71):
-        expected = _get_alibi_slopes(n_heads, torch.device("cpu"))
-        torch.testing.assert_close(ch.alibi_slopes(n_heads), expected, msg=f"n_heads={n_heads}")
+    for n_head in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 40, 64, 71):
+        expected = _get_alibi_slopes(n_head, torch.device("cpu"))
+        torch.testing.assert_close(ch.alibi_slopes(n_head), expected, msg=f"n_head={n_head}")
 
 
 def test_alibi_bias_brute_force(ch):

@@ -233,10 +233,10 @@ def test_blockwise_attention_with_huge_scores(ch):
 # ---------------------------------------------------------------------------------------
 
 
-def paired_with_torch(ch, d_model=16, n_heads=4, bias=True):
+def paired_with_torch(ch, d_model=16, n_head=4, bias=True):
     torch.manual_seed(0)
-    ref = torch.nn.MultiheadAttention(d_model, n_heads, bias=bias, batch_first=True).double()
-    ours = ch.MultiHeadAttention(d_model, n_heads, bias=bias).double()
+    ref = torch.nn.MultiheadAttention(d_model, n_head, bias=bias, batch_first=True).double()
+    ours = ch.MultiHeadAttention(d_model, n_head, bias=bias).double()
     ours.load_fused_qkv(ref.in_proj_weight, ref.in_proj_bias)
     with torch.no_grad():
         ours.out_proj.weight.copy_(ref.out_proj.weight)
@@ -294,8 +294,8 @@ def test_mha_float32_tolerance(ch):
 def loop_over_heads(mha, x, causal):
     """Reference: each head with its own slices of the weights, then concatenate."""
     D, outputs = mha.head_dim, []
-    n_rep = mha.n_heads // mha.n_kv_heads
-    for h in range(mha.n_heads):
+    n_rep = mha.n_head // mha.n_kv_head
+    for h in range(mha.n_head):
         g = h // n_rep  # the key/value head this query head reads
         q = x @ mha.q_proj.weight[h * D:(h + 1) * D].T + mha.q_proj.bias[h * D:(h + 1) * D]
         k = x @ mha.k_proj.weight[g * D:(g + 1) * D].T + mha.k_proj.bias[g * D:(g + 1) * D]
@@ -307,38 +307,38 @@ def loop_over_heads(mha, x, causal):
     return mha.out_proj(torch.cat(outputs, dim=-1))
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 @pytest.mark.parametrize("causal", [False, True])
-def test_batched_heads_equal_a_loop_over_heads(ch, n_kv_heads, causal):
+def test_batched_heads_equal_a_loop_over_heads(ch, n_kv_head, causal):
     torch.manual_seed(0)
-    mha = ch.MultiHeadAttention(16, 4, n_kv_heads).double()
+    mha = ch.MultiHeadAttention(16, 4, n_kv_head).double()
     x = rand(2, 6, 16)
     torch.testing.assert_close(mha(x, causal=causal), loop_over_heads(mha, x, causal))
 
 
 def test_gqa_with_as_many_kv_heads_as_heads_is_mha(ch):
     torch.manual_seed(0)
-    gqa = ch.MultiHeadAttention(16, 4, n_kv_heads=4).double()
+    gqa = ch.MultiHeadAttention(16, 4, n_kv_head=4).double()
     ours, ref = paired_with_torch(ch)
     gqa.load_state_dict(ours.state_dict())
     x = rand(2, 5, 16)
     torch.testing.assert_close(gqa(x, causal=True), ref(x, x, x, attn_mask=torch.ones(5, 5).triu(1).bool())[0])
 
 
-@pytest.mark.parametrize("n_kv_heads", [2, 1])
-def test_gqa_equals_mha_with_shared_key_value_weights(ch, n_kv_heads):
+@pytest.mark.parametrize("n_kv_head", [2, 1])
+def test_gqa_equals_mha_with_shared_key_value_weights(ch, n_kv_head):
     """Grouped-query attention is multi-head attention whose heads in a group share k and v."""
     torch.manual_seed(0)
-    gqa = ch.MultiHeadAttention(16, 4, n_kv_heads).double()
+    gqa = ch.MultiHeadAttention(16, 4, n_kv_head).double()
     mha = ch.MultiHeadAttention(16, 4).double()
-    n_rep, D = 4 // n_kv_heads, 4
+    n_rep, D = 4 // n_kv_head, 4
     with torch.no_grad():
         mha.q_proj.load_state_dict(gqa.q_proj.state_dict())
         mha.out_proj.load_state_dict(gqa.out_proj.state_dict())
         for name in ("k_proj", "v_proj"):
             src, dst = getattr(gqa, name), getattr(mha, name)
-            dst.weight.copy_(src.weight.view(n_kv_heads, D, 16).repeat_interleave(n_rep, 0).reshape(16, 16))
-            dst.bias.copy_(src.bias.view(n_kv_heads, D).repeat_interleave(n_rep, 0).reshape(16))
+            dst.weight.copy_(src.weight.view(n_kv_head, D, 16).repeat_interleave(n_rep, 0).reshape(16, 16))
+            dst.bias.copy_(src.bias.view(n_kv_head, D).repeat_interleave(n_rep, 0).reshape(16))
     x = rand(2, 5, 16)
     torch.testing.assert_close(gqa(x, causal=True), mha(x, causal=True))
     assert sum(p.numel() for p in gqa.parameters()) < sum(p.numel() for p in mha.parameters())
@@ -353,7 +353,7 @@ def test_mha_with_rope_and_gqa_equals_hugging_face_llama(ch):
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     ref = LlamaAttention(config, layer_idx=0).double().eval()
-    ours = ch.MultiHeadAttention(32, 4, n_kv_heads=2, bias=False, rope=True).double()
+    ours = ch.MultiHeadAttention(32, 4, n_kv_head=2, bias=False, rope=True).double()
     for a, b in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"), ("out_proj", "o_proj")):
         getattr(ours, a).load_state_dict(getattr(ref, b).state_dict())
     x = rand(2, 7, 32)
@@ -368,7 +368,7 @@ def test_mha_with_rope_and_gqa_equals_hugging_face_llama(ch):
                                      dict(alibi=True, use_fused=True)])
 def test_decoding_with_a_kv_cache_equals_the_full_causal_forward(ch, options):
     torch.manual_seed(0)
-    mha = ch.MultiHeadAttention(16, 4, n_kv_heads=2, **options).double()
+    mha = ch.MultiHeadAttention(16, 4, n_kv_head=2, **options).double()
     x = rand(2, 9, 16)
     full = mha(x, causal=True)
     cache = ListCache()
@@ -380,7 +380,7 @@ def test_decoding_with_a_kv_cache_equals_the_full_causal_forward(ch, options):
 def test_kv_cache_with_left_padding(ch):
     """Batched generation: the second prompt is left-padded by 2; masks cover cached keys too."""
     torch.manual_seed(0)
-    mha = ch.MultiHeadAttention(16, 4, n_kv_heads=2, rope=True).double()
+    mha = ch.MultiHeadAttention(16, 4, n_kv_head=2, rope=True).double()
     x = rand(2, 7, 16)
     padding = torch.tensor([[True] * 7, [False, False] + [True] * 5])
     positions = (padding.cumsum(-1) - 1).clamp(min=0)  # real tokens count from 0
@@ -394,11 +394,11 @@ def test_kv_cache_with_left_padding(ch):
     torch.testing.assert_close(full[1, 2:], mha(x[1:, 2:], causal=True)[0])  # padding changes nothing
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2])
-def test_fused_path_equals_ours(ch, n_kv_heads):
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_fused_path_equals_ours(ch, n_kv_head):
     torch.manual_seed(0)
-    ours = ch.MultiHeadAttention(16, 4, n_kv_heads, rope=True).double()
-    fused = ch.MultiHeadAttention(16, 4, n_kv_heads, rope=True, use_fused=True).double()
+    ours = ch.MultiHeadAttention(16, 4, n_kv_head, rope=True).double()
+    fused = ch.MultiHeadAttention(16, 4, n_kv_head, rope=True, use_fused=True).double()
     fused.load_state_dict(ours.state_dict())
     x = rand(2, 6, 16)
     padding = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
@@ -439,10 +439,10 @@ def test_dropout_only_in_training(ch):
 
 
 def test_mha_bad_inputs_raise_clear_errors(ch):
-    with pytest.raises(ValueError, match="divisible by n_heads"):
+    with pytest.raises(ValueError, match="divisible by n_head"):
         ch.MultiHeadAttention(10, 3)
-    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
-        ch.MultiHeadAttention(16, 4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="multiple of n_kv_head"):
+        ch.MultiHeadAttention(16, 4, n_kv_head=3)
     mha = ch.MultiHeadAttention(16, 4)
     x = torch.randn(2, 5, 16)
     with pytest.raises(ValueError, match="d_model=16"):
@@ -460,7 +460,7 @@ def test_mha_bad_inputs_raise_clear_errors(ch):
     with pytest.raises(ValueError, match="self-attention only"):
         ch.MultiHeadAttention(16, 4, rope=True)(x, torch.randn(2, 3, 16))
     with pytest.raises(ValueError, match="fused"):
-        ch.MultiHeadAttention(16, 4, n_kv_heads=2).load_fused_qkv(torch.randn(48, 16))
+        ch.MultiHeadAttention(16, 4, n_kv_head=2).load_fused_qkv(torch.randn(48, 16))
     with pytest.raises(ValueError, match="shape"):
         mha.load_fused_qkv(torch.randn(16, 48))
 
@@ -480,7 +480,7 @@ def test_reversal_model_learns_an_anti_diagonal(ch):
 
 
 def test_measured_score_memory_is_quadratic_for_full_and_linear_for_blockwise(ch):
-    cost = ch.measure_attention_cost(seq_lens=(32, 64), n_heads=2, head_dim=8, repeats=1, block_size=16)
+    cost = ch.measure_attention_cost(seq_lens=(32, 64), n_head=2, head_dim=8, repeats=1, block_size=16)
     assert cost["ours_bytes"] == [2 * 32 * 32 * 4, 2 * 64 * 64 * 4]
     assert cost["blockwise_bytes"] == [2 * 32 * 16 * 4, 2 * 64 * 16 * 4]
     assert all(t > 0 for key in ("ours_s", "blockwise_s", "fused_s") for t in cost[key])

@@ -337,13 +337,13 @@ def test_exercise_4_gpt2_block_has_7_087_872_parameters(ch):
 
 def test_gpt2_initialisation(ch):
     torch.manual_seed(0)
-    n_layers = 4
-    stack = ch.init_gpt2_(nn.ModuleList(ch.Block(256, 4) for _ in range(n_layers)), n_residual=2 * n_layers)
+    n_layer = 4
+    stack = ch.init_gpt2_(nn.ModuleList(ch.Block(256, 4) for _ in range(n_layer)), n_residual=2 * n_layer)
     block = stack[0]
     assert abs(block.attn.q_proj.weight.std().item() - 0.02) < 0.001
     assert abs(block.mlp.fc.weight.std().item() - 0.02) < 0.001
     for proj in block.residual_projections():
-        assert abs(proj.weight.std().item() - 0.02 / math.sqrt(2 * n_layers)) < 0.0005
+        assert abs(proj.weight.std().item() - 0.02 / math.sqrt(2 * n_layer)) < 0.0005
         assert torch.all(proj.bias == 0)
     assert torch.all(block.attn_norm.weight == 1) and torch.all(block.attn_norm.bias == 0)
 

@@ -7,6 +7,8 @@ and brute-force loops.
 Run against your own module with: pytest tests/test_ch06_gpt.py --impl my_ch06.py
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -287,9 +289,11 @@ def test_exercise_4_generate_matches_hugging_face_greedy_continuation(ch):
 # ---------------------------------------------------------------------------------------
 
 
-def test_hf_gpt2_weights_give_the_same_logits_and_loss(ch):
+@pytest.mark.parametrize("use_fused", [True, False], ids=["torch-kernels", "book-components"])
+def test_hf_gpt2_weights_give_the_same_logits_and_loss(ch, use_fused):
     hf = hf_gpt2()
-    ours = ch.from_hf_gpt2(hf.state_dict(), hf.config).eval()
+    config = replace(ch.config_from_hf_gpt2(hf.config), use_fused=use_fused)  # False: our LayerNorm and attention
+    ours = ch.from_hf_gpt2(hf.state_dict(), config).eval()
     assert ours.config.mlp == "gelu_tanh"  # GPT-2's activation is the tanh approximation
     idx = torch.randint(0, 97, (3, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -362,9 +366,10 @@ def test_safetensors_reader_and_writer_agree_with_the_library(ch, tmp_path):
                 assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), (path, name)
 
 
-def test_hf_llama_weights_give_the_same_logits_and_continuation(ch):
+@pytest.mark.parametrize("use_fused", [True, False], ids=["torch-kernels", "book-components"])
+def test_hf_llama_weights_give_the_same_logits_and_continuation(ch, use_fused):
     hf = hf_llama()
-    ours = ch.from_hf_llama(hf.state_dict(), hf.config).eval()
+    ours = ch.from_hf_llama(hf.state_dict(), replace(ch.config_from_hf_llama(hf.config), use_fused=use_fused)).eval()
     c = ours.config
     assert (c.norm, c.mlp, c.positions, c.n_kv_head, c.bias) == ("rmsnorm", "swiglu", "rope", 2, False)
     idx = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -379,3 +384,36 @@ def test_parameter_breakdown_adds_up(ch):
     parts = ch.parameter_breakdown(ch.GPTConfig.gpt2())
     assert sum(parts.values()) == 124_439_808
     assert parts["embeddings"] == 50257 * 768 + 1024 * 768 and parts["output head"] == 0  # tied
+
+
+def test_rope_interleaved_is_the_half_layout_with_permuted_query_and_key_rows(ch):
+    from ch03_embeddings import interleaved_to_half_permutation
+
+    torch.manual_seed(0)
+    half = ch.GPT(small_config(ch, positions="rope", n_kv_head=2)).eval()
+    interleaved = ch.GPT(small_config(ch, positions="rope", n_kv_head=2, rope_interleaved=True)).eval()
+    perm = interleaved_to_half_permutation(half.config.head_dim)
+    inverse = torch.argsort(perm)  # half-layout rows -> interleaved-layout rows
+    state = {}
+    for name, w in half.state_dict().items():
+        if name.endswith(("q_proj.weight", "k_proj.weight")):  # permute within each head
+            w = w.view(-1, half.config.head_dim, w.shape[-1])[:, inverse].reshape(w.shape)
+        state[name] = w
+    interleaved.load_state_dict(state)
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(interleaved(idx)[0], half(idx)[0], atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(ch.GPT(interleaved.config).eval()(idx)[0], half(idx)[0])
+
+
+def test_one_default_epsilon_for_rmsnorm(ch):
+    import inspect
+
+    from ch05_block import RMS_NORM_EPS, RMSNorm, make_norm, rms_norm
+
+    config = small_config(ch, norm="rmsnorm")
+    model = ch.GPT(config)
+    assert {m.eps for m in model.modules() if isinstance(m, RMSNorm)} == {RMS_NORM_EPS}
+    assert make_norm("rmsnorm", 8).eps == RMSNorm(8).eps == RMS_NORM_EPS
+    assert inspect.signature(rms_norm).parameters["eps"].default == RMS_NORM_EPS
+    assert ch.GPTConfig.llama_style().norm_eps in (None, RMS_NORM_EPS)
