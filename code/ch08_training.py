@@ -7,7 +7,11 @@ exactly, and a command-line trainer for the GPT of chapter 6:
 
     python code/ch08_training.py --data shakespeare --out-dir runs/shakespeare
 
-Depends on torch, numpy (token files), the standard library and chapters 1, 2 and 6.
+The loop, ``train``, is the book's only one: it trains any model on any source of batches
+with any loss, so later chapters fine-tune pretrained models with it (Chapters 13 and 14)
+and run it in many processes (Chapter 11).
+
+Depends on torch, numpy (token files), the standard library and chapters 2 and 6.
 safetensors (checkpoints), tqdm (progress bar) and matplotlib (plots) are imported where
 they are used.
 """
@@ -22,16 +26,17 @@ import math
 import os
 import time
 import tomllib
+import types
 import urllib.request
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from ch01_backprop import cross_entropy
-from ch02_tokenizer import (load_token_file, python_docs_text, split_train_val, write_atomically,
-                            write_token_file)
+from ch02_tokenizer import (atomic_path, load_token_file, python_docs_text, split_train_val,
+                            write_atomically, write_token_file)
 from ch06_gpt import GPT, GPTConfig
 # --8<-- [end:imports]
 
@@ -42,10 +47,11 @@ from ch06_gpt import GPT, GPTConfig
 
 # --8<-- [start:loss]
 def lm_loss(logits, targets):
-    """Mean cross-entropy of next-token predictions: logits (B, T, V), targets (B, T)."""
+    """Mean cross-entropy of next-token predictions: logits (B, T, V), targets (B, T).
+    A target of -1 is left out of the mean (padding, or a token not to be learned)."""
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
-    return cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
 
 
 def naive_cross_entropy(logits, targets):
@@ -152,6 +158,8 @@ def clip_grad_norm(parameters, max_norm):
     Returns the norm before clipping. Scaling every gradient by the same factor keeps the
     update's direction and only shortens it."""
     grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:  # nothing to clip, as torch.nn.utils.clip_grad_norm_
+        return torch.tensor(0.0)
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
@@ -321,6 +329,30 @@ def get_batch(data, block_size, batch_size, generator, device="cpu"):
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # y: x shifted by one
 
 
+class TokenBatches:
+    """A source of batches for train(): random windows of a training and a validation token
+    array. Any object with this get_batch method can feed train() (Chapter 13's padded
+    fine-tuning examples do)."""
+
+    def __init__(self, train, val, block_size):
+        self.splits = {"train": train, "val": val}
+        self.block_size = block_size
+
+    def get_batch(self, split, batch_size, generator, device="cpu"):
+        """(x, y), each (batch_size, block_size), drawn with ``generator``."""
+        return get_batch(self.splits[split], self.block_size, batch_size, generator, device)
+
+
+def next_token_loss(model, batch):
+    """train()'s default loss: the model's mean next-token loss on a batch (x, y) or
+    (x, y, loss_mask), where a False in the (B, T) loss_mask leaves that target out."""
+    x, y, *mask = batch
+    if mask:
+        y = y.masked_fill(~mask[0], -1)  # -1: ignored by the model's cross-entropy
+    _, loss = model(x, y)
+    return loss
+
+
 class WindowDataset(torch.utils.data.Dataset):
     """Non-overlapping windows of a token array, for torch.utils.data.DataLoader."""
 
@@ -342,18 +374,24 @@ class WindowDataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------
 
 # --8<-- [start:checkpoint]
-def save_checkpoint(path, model, optimizer, step, generator, meta):
-    """Model, optimizer moments, step, random states and ``meta`` in one safetensors file."""
+def save_checkpoint(path, model, optimizer, step, generator, meta, frozen=True):
+    """Model, optimizer moments, step, random states and ``meta`` in one safetensors file.
+    frozen=False leaves out the parameters that are not trained (requires_grad False): the
+    checkpoint of a fine-tuning run then holds only what changed, and resuming it needs the
+    same base model."""
     from safetensors.torch import save
 
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    weights = model.state_dict(keep_vars=True)
+    if not frozen:
+        weights = {k: v for k, v in weights.items() if not isinstance(v, torch.nn.Parameter) or v.requires_grad}
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in weights.items()}
     optim = optimizer.state_dict()
     for index, state in optim["state"].items():
         for key, value in state.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.batches"] = generator.get_state()
-    info = dict(meta, step=step, param_groups=optim["param_groups"])
+    info = dict(meta, step=step, param_groups=_tag_tuples(optim["param_groups"]), frozen=frozen)
     # tied weights share storage: safetensors wants each stored once
     tensors = _untie(tensors)
     write_atomically(path, save(tensors, metadata={"book": json.dumps(info)}))
@@ -369,9 +407,33 @@ def _untie(tensors):
     return tensors
 
 
-def load_checkpoint(path, model, optimizer=None, generator=None):
+def _tag_tuples(value):
+    """JSON has lists but no tuples: mark tuples (AdamW's betas) so they come back as tuples."""
+    if isinstance(value, tuple):
+        return {"tuple": [_tag_tuples(v) for v in value]}
+    if isinstance(value, list):
+        return [_tag_tuples(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _tag_tuples(v) for k, v in value.items()}
+    return value
+
+
+def _untag_tuples(value):
+    if isinstance(value, dict):
+        if value.keys() == {"tuple"}:
+            return tuple(_untag_tuples(v) for v in value["tuple"])
+        return {k: _untag_tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_untag_tuples(v) for v in value]
+    return value
+
+
+def load_checkpoint(path, model, optimizer=None, generator=None, restore_rng=False):
     """Restore what save_checkpoint wrote; returns its metadata (with "step").
 
+    The optimizer comes back exactly as it was saved, and ``generator`` (the data position)
+    too. The global random state (dropout's) is restored only with restore_rng=True, as
+    resuming a run needs: loading a model to use it leaves the caller's random state alone.
     safetensors holds only tensors and JSON: loading it cannot run code, unlike a pickle."""
     from safetensors import SafetensorError
     from safetensors.torch import load
@@ -383,15 +445,19 @@ def load_checkpoint(path, model, optimizer=None, generator=None):
         info = json.loads(_safetensors_metadata(data)["book"])
     except (SafetensorError, KeyError, ValueError, OSError) as error:
         raise ValueError(f"{path} is not a checkpoint of this book (safetensors): {error}") from None
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    _, unexpected = model.load_state_dict(weights, strict=info.get("frozen", True))
+    if unexpected:  # strict=False (frozen weights left out) still refuses weights the model lacks
+        raise ValueError(f"{path} holds weights this model does not have: {unexpected[:5]}")
     if optimizer is not None:
         state = {}
         for key, value in tensors.items():
             if key.startswith("optim."):
                 _, index, name = key.split(".", 2)
                 state.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
+        optimizer.load_state_dict({"state": state, "param_groups": _untag_tuples(info["param_groups"])})
+    if restore_rng:
+        torch.set_rng_state(tensors["rng.torch"])
     if generator is not None:
         generator.set_state(tensors["rng.batches"])
     return info
@@ -420,20 +486,19 @@ def checkpoint_metadata(path):
 # ---------------------------------------------------------------------------
 
 # --8<-- [start:train-config]
+def nanogpt_model():
+    """nanoGPT's CPU model: 4 layers, 4 heads, 128 wide, 64 characters of context, no
+    biases, exact GELU (Chapter 6's GPTConfig; vocab_size is set from the data)."""
+    return GPTConfig(block_size=64, n_layer=4, n_head=4, d_model=128, bias=False, mlp="gelu")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     # data
     data: str = "python-docs"  # python-docs | shakespeare | path to a text file
     val_fraction: float = 0.1
-    # model (chapter 6)
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    block_size: int = 64
-    dropout: float = 0.0
-    bias: bool = False  # biases in Linear and LayerNorm (nanoGPT's recipe has none)
-    positions: str = "learned"  # or "rope" (chapter 3)
-    mlp: str = "gelu"  # nanoGPT's exact GELU; or "gelu_tanh", "relu", "swiglu" (chapter 5)
+    # the model: every setting of Chapter 6's GPTConfig; train() sets vocab_size from the data
+    model: GPTConfig = dataclasses.field(default_factory=nanogpt_model)
     # optimisation
     batch_size: int = 12
     grad_accum: int = 1
@@ -449,9 +514,10 @@ class TrainConfig:
     fused_adamw: bool = False  # PyTorch's one-kernel AdamW instead of the book's (same update)
     # evaluation, samples, checkpoints
     eval_interval: int = 250
-    eval_iters: int = 200
+    eval_iters: int = 200  # batches per validation loss; 0: no validation loss
     sample_tokens: int = 200
-    out_dir: str = "runs/default"
+    out_dir: str | None = "runs/default"  # None: keep nothing on disk (no checkpoint, no resume)
+    save_frozen: bool = True  # False: checkpoints leave out frozen weights (fine-tuning a big model)
     # machine
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
@@ -459,39 +525,61 @@ class TrainConfig:
     seed: int = 1337
     progress: bool = True
 
+    def __post_init__(self):
+        if isinstance(self.model, dict):  # as stored in a checkpoint or a TOML file
+            self.model = GPTConfig(**self.model)
+
+
 # TrainConfig's defaults are nanoGPT's CPU recipe; the capstone at the end of the chapter
 # explains the book's: rotary positions, ReLU, a 3x higher peak learning rate, a shorter
-# warmup and schedule, and PyTorch's fused AdamW.
+# warmup and schedule, and PyTorch's fused AdamW. "tiny" trains a 2-layer model in seconds,
+# for the figures and examples of the chapters.
 RECIPES = {
     "nanogpt": {},
     "book": dict(positions="rope", mlp="relu", lr=3e-3, warmup_iters=50, max_iters=900, decay_iters=900,
                  fused_adamw=True),
+    "tiny": dict(n_layer=2, n_head=2, d_model=64, positions="rope", batch_size=16, max_iters=300,
+                 warmup_iters=30, decay_iters=300, lr=3e-3, eval_interval=100, eval_iters=10,
+                 sample_tokens=0, progress=False),
 }
+MODEL_SETTINGS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
+
+
+def make_config(recipe="nanogpt", **settings):
+    """A TrainConfig from one of RECIPES and flat overrides, where a GPTConfig field
+    (n_layer=2, positions="rope", ...) sets the model's: make_config("tiny", max_iters=50)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+    values = {**RECIPES[recipe], **settings}
+    model = {name: values.pop(name) for name in MODEL_SETTINGS if name in values}
+    cfg = TrainConfig(**values)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model))
 # --8<-- [end:train-config]
 
 
 # --8<-- [start:estimate-loss]
 @torch.no_grad()
-def estimate_loss(model, data, cfg, device, amp_dtype, runtime=None):
-    """Mean loss over cfg.eval_iters random batches, drawn with their own fixed seed so
-    that evaluating never changes the training batches that follow. With many processes
-    (``runtime``, see train), each scores its share of every batch and they average."""
+def estimate_loss(model, data, cfg, device, amp_dtype, loss_fn=None, runtime=None):
+    """Mean loss over cfg.eval_iters validation batches of ``data``, drawn with their own
+    fixed seed so that evaluating never changes the training batches that follow. With many
+    processes (``runtime``, see train), each scores its share of every batch and they average."""
     runtime = runtime or SingleProcess()
+    loss_fn = loss_fn or next_token_loss
     model.eval()
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     losses = []
     for _ in range(cfg.eval_iters):
-        x, y = runtime.get_batch(data, cfg.block_size, cfg.batch_size, generator, device)
+        batch = runtime.get_batch(data, "val", cfg.batch_size, generator, device)
         with autocast(device, amp_dtype):
-            _, loss = model(x, y)
-        losses.append(loss.item())
+            losses.append(loss_fn(model, batch).item())
     model.train()
     return runtime.mean(sum(losses) / len(losses))
 
 
 @torch.no_grad()
-def sample(model, start_ids, n_tokens, block_size, generator, temperature=1.0):
-    """Draw n_tokens from the model, one at a time (chapter 9 does this properly)."""
+def draw_sample(model, start_ids, n_tokens, block_size, generator, temperature=1.0):
+    """Draw n_tokens ids from the model, one at a time, to show progress while training
+    (Chapter 9 generates text properly)."""
     ids = torch.tensor([start_ids], device=next(model.parameters()).device)
     for _ in range(n_tokens):
         logits, _ = model(ids[:, -block_size:])
@@ -504,8 +592,16 @@ def sample(model, start_ids, n_tokens, block_size, generator, temperature=1.0):
 
 # --8<-- [start:prepare]
 def prepare_data(cfg, write=True):
-    """Tokenize the corpus (one token per character), write train/val token files, open them.
-    write=False only opens the files that another process wrote (Chapter 11)."""
+    """train()'s default data: the characters of cfg.data as tokens (a CharTokenizer), the
+    first 1 - val_fraction for training. Returns (tokenizer, TokenBatches). With an out_dir
+    they are written as token files and memory-mapped; write=False only opens the files
+    that another process wrote (Chapter 11)."""
+    block_size = cfg.model.block_size
+    if cfg.out_dir is None:
+        text = load_corpus(cfg.data)
+        tokenizer = CharTokenizer.from_text(text)
+        train_ids, val_ids = split_train_val(np.array(tokenizer.encode(text), dtype=np.uint16), cfg.val_fraction)
+        return tokenizer, TokenBatches(train_ids, val_ids, block_size)
     out = Path(cfg.out_dir)
     if write:
         out.mkdir(parents=True, exist_ok=True)
@@ -516,36 +612,30 @@ def prepare_data(cfg, write=True):
         write_token_file(train_ids, out / "train.npy", tokenizer.vocab_size)
         write_token_file(val_ids, out / "val.npy", tokenizer.vocab_size)
         write_atomically(out / "tokenizer.json", json.dumps({"chars": tokenizer.chars}).encode())
-    return load_tokenizer(out), load_token_file(out / "train.npy"), load_token_file(out / "val.npy")
+    batches = TokenBatches(load_token_file(out / "train.npy"), load_token_file(out / "val.npy"), block_size)
+    return load_run_tokenizer(out), batches
 
 
-def load_tokenizer(out_dir):
-    """The character tokenizer that prepare_data saved in out_dir."""
+def load_run_tokenizer(out_dir):
+    """The character tokenizer that prepare_data saved in a run's out_dir."""
     return CharTokenizer(json.loads((Path(out_dir) / "tokenizer.json").read_bytes())["chars"])
 
 
-def model_for(cfg, vocab_size):
-    """The GPT (Chapter 6) that cfg describes, with fresh random weights."""
-    return GPT(GPTConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                         n_head=cfg.n_head, d_model=cfg.d_model, dropout=cfg.dropout, bias=cfg.bias,
-                         positions=cfg.positions, mlp=cfg.mlp))
-
-
-def model_from_checkpoint(path, vocab_size):
-    """The trained GPT in a checkpoint, built from the TrainConfig stored with it, in eval
+def model_from_checkpoint(path):
+    """The trained GPT in a checkpoint, built from the GPTConfig stored with it, in eval
     mode; returns (model, metadata). Unlike resuming, using a model leaves the global random
     state as it was: neither building nor loading it reseeds the caller's code."""
     info = checkpoint_metadata(path)
-    rng = torch.get_rng_state()
-    model = model_for(TrainConfig(**info["config"]), vocab_size)
+    with torch.random.fork_rng(devices=[]):  # the random initial weights are overwritten anyway
+        model = GPT(TrainConfig(**info["config"]).model)
     load_checkpoint(path, model)
-    torch.set_rng_state(rng)
     return model.eval(), info
 
 
 def make_optimizer(model, cfg):
     """The book's AdamW, or with cfg.fused_adamw PyTorch's fused kernel of the same update:
-    one pass over all parameters instead of about ten tensor operations per parameter."""
+    one pass over all parameters instead of about ten tensor operations per parameter.
+    Only parameters that require gradients are optimised (a frozen one is left alone)."""
     groups = param_groups(model, cfg.weight_decay)
     if cfg.fused_adamw:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
@@ -582,9 +672,9 @@ class SingleProcess:
         """The module that runs forward and backward."""
         return model
 
-    def get_batch(self, data, block_size, batch_size, generator, device):
-        """This process's rows of a batch of batch_size random windows."""
-        return get_batch(data, block_size, batch_size, generator, device)
+    def get_batch(self, data, split, batch_size, generator, device):
+        """This process's rows of a batch of batch_size examples drawn from ``data``."""
+        return data.get_batch(split, batch_size, generator, device)
 
     def gradient_sync(self, sync):
         """Context for one micro-batch's forward and backward; sync is False but on the last."""
@@ -596,50 +686,65 @@ class SingleProcess:
 # --8<-- [end:single-process]
 
 
-def train(cfg, stop_after=None, log=print, runtime=None):
-    """Train a GPT as ``cfg`` says; resume from out_dir/checkpoint.safetensors if present.
+def train(cfg, model=None, data=None, *, loss_fn=None, evaluate=None, stop_after=None, log=print,
+          runtime=None):
+    """Train ``model`` on batches of ``data`` as ``cfg`` says, resuming from
+    out_dir/checkpoint.safetensors if there is one. Returns the history: the training loss of
+    every iteration and the validation losses.
 
-    Returns the history: the training loss of every iteration and the validation losses.
-    ``stop_after`` ends the run early after that many iterations (as if it were killed
-    right after a checkpoint); the next call resumes it. ``runtime`` (default
-    SingleProcess()) says how the work is shared between processes."""
+    model: any nn.Module; None builds GPT(cfg.model) with fresh weights. Only parameters that
+      require gradients are trained, so a pretrained model with frozen parts works as it is.
+    data: a source of batches, an object with get_batch(split, batch_size, generator, device)
+      like TokenBatches; None prepares cfg.data (prepare_data), and its tokenizer shows a
+      sample of text at each evaluation.
+    loss_fn(model, batch) -> scalar loss; default next_token_loss.
+    evaluate(model) -> dict of floats, recorded at each evaluation in history["metrics"].
+    stop_after ends the run after that many iterations, as if it were killed right after a
+    checkpoint; the next call resumes it. runtime (default SingleProcess()) says how the work
+    is shared between processes.
+    """
     runtime = runtime or SingleProcess()
-    out = Path(cfg.out_dir)
+    loss_fn = loss_fn or next_token_loss
     device = resolve_device(cfg.device)
     amp_dtype, scale_loss = resolve_precision(cfg.precision, device)
-    with runtime.main_first():  # one process writes the token files, then the others open them
-        tokenizer, train_data, val_data = prepare_data(cfg, write=runtime.is_main)
+    tokenizer = None
+    if data is None:
+        with runtime.main_first():  # one process writes the token files, then the others open them
+            tokenizer, data = prepare_data(cfg, write=runtime.is_main)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
 
     torch.manual_seed(cfg.seed)
-    model = model_for(cfg, tokenizer.vocab_size).to(device)
+    model = (GPT(cfg.model) if model is None else model).to(device)
+    if isinstance(getattr(model, "config", None), GPTConfig):
+        cfg = dataclasses.replace(cfg, model=model.config)  # what a checkpoint rebuilds
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=scale_loss)
     batches = torch.Generator().manual_seed(cfg.seed)  # the data position, saved in checkpoints
     history = {"train": [], "val": []}
 
-    checkpoint = out / "checkpoint.safetensors"
+    checkpoint = Path(cfg.out_dir) / "checkpoint.safetensors" if cfg.out_dir is not None else None
     start = 0
-    if checkpoint.exists():
-        info = load_checkpoint(checkpoint, model, optimizer, batches)
+    if checkpoint is not None and checkpoint.exists():
+        info = load_checkpoint(checkpoint, model, optimizer, batches, restore_rng=True)
         start, history = info["step"], info["history"]
         log(f"resumed from {checkpoint} at iteration {start}")
     step_fn = runtime.wrap(model)
     step_fn = torch.compile(step_fn) if cfg.compile else step_fn
 
     bar = _progress(cfg, start)
-    tokens_per_iter = cfg.batch_size * cfg.grad_accum * cfg.block_size
     tick = time.perf_counter()
     for it in range(start, cfg.max_iters):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters)
-        loss_sum = 0.0
+        loss_sum, n_tokens = 0.0, 0
         for micro in range(cfg.grad_accum):
-            x, y = runtime.get_batch(train_data, cfg.block_size, cfg.batch_size, batches, device)
+            batch = runtime.get_batch(data, "train", cfg.batch_size, batches, device)
             with runtime.gradient_sync(sync=micro == cfg.grad_accum - 1):
                 with autocast(device, amp_dtype):
-                    _, loss = step_fn(x, y)
+                    loss = loss_fn(step_fn, batch)
                 scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
+            n_tokens += cfg.batch_size * batch[0][0].numel()  # rows of the global batch
         scaler.unscale_(optimizer)
         clip_grad_norm(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
@@ -649,20 +754,29 @@ def train(cfg, stop_after=None, log=print, runtime=None):
         history["train"].append(loss_sum)
 
         now = time.perf_counter()
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_iter / (now - tick):,.0f}")
+        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{n_tokens / (now - tick):,.0f}")
         bar.update(1)
         tick = now
         done = it + 1
         if done % cfg.eval_interval == 0 or done == cfg.max_iters or done == stop_after:
-            val = estimate_loss(model, val_data, cfg, device, amp_dtype, runtime)
-            history["val"].append([done, val])
+            report = f"iter {done}: train {loss_sum:.4f}"
+            if cfg.eval_iters:
+                val = estimate_loss(model, data, cfg, device, amp_dtype, loss_fn, runtime)
+                history["val"].append([done, val])
+                report += f", val {val:.4f}"
+            if evaluate:
+                history.setdefault("metrics", []).append([done, evaluate(model)])
+                report += "".join(f", {k} {v:.4f}" for k, v in history["metrics"][-1][1].items())
             if runtime.is_main:
-                text = tokenizer.decode(sample(model, tokenizer.encode("\n"), cfg.sample_tokens,
-                                               cfg.block_size, torch.Generator().manual_seed(done)))
-                log(f"iter {done}: train {loss_sum:.4f}, val {val:.4f}\n{text}\n")
-                save_checkpoint(checkpoint, model, optimizer, done, batches,
-                                {"config": dataclasses.asdict(cfg), "history": history})
-                save_loss_plot(history, out / "loss.svg")
+                if tokenizer is not None and cfg.sample_tokens:
+                    ids = draw_sample(model, tokenizer.encode("\n"), cfg.sample_tokens, cfg.model.block_size,
+                                      torch.Generator().manual_seed(done))
+                    report += "\n" + tokenizer.decode(ids) + "\n"
+                log(report)
+                if checkpoint is not None:
+                    save_checkpoint(checkpoint, model, optimizer, done, batches,
+                                    {"config": dataclasses.asdict(cfg), "history": history}, cfg.save_frozen)
+                    save_loss_plot(history, checkpoint.parent / "loss.svg")
         if done == stop_after:
             break
     bar.close()
@@ -719,38 +833,59 @@ def save_loss_plot(history, path):
     except ImportError:
         return
     fig = history_figure(history)
-    tmp = path.with_name(f".{path.name}.tmp.svg")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
 # --8<-- [end:loss-plot]
 
 
 # --8<-- [start:cli]
-def parse_args(argv=None):
-    """Every TrainConfig field is a flag (--batch-size 32); --recipe starts from one of RECIPES,
-    --config reads a TOML file; later ones override earlier ones."""
+def settings():
+    """Every setting of a run, as dataclass fields: TrainConfig's and its model's GPTConfig's."""
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+    return fields + [f for f in dataclasses.fields(GPTConfig) if f.name in MODEL_SETTINGS]
+
+
+def arg_parser():
+    """A flag for every setting (--batch-size 32, --n-layer 6, --positions rope), plus
+    --recipe and --config."""
     parser = argparse.ArgumentParser(description="Train the book's GPT on a text file.")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="nanogpt",
                         help="the settings to start from (default: nanoGPT's CPU recipe)")
-    parser.add_argument("--config", help="a TOML file of TrainConfig fields; flags override it")
-    for field in dataclasses.fields(TrainConfig):
+    parser.add_argument("--config", help="a TOML file of settings; flags override it")
+    for field in settings():
         flag = "--" + field.name.replace("_", "-")
-        if field.type is bool or field.type == "bool":
+        kind = _flag_type(field.type)
+        if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            parser.add_argument(flag, type=type(field.default), default=None)
+            parser.add_argument(flag, type=kind, default=None)
+    return parser
+
+
+def parse_args(argv=None):
+    """The TrainConfig of a command line: --recipe starts from one of RECIPES, --config reads
+    a TOML file (flat settings, or the model's in a [model] table), flags override both."""
+    parser = arg_parser()
     args = vars(parser.parse_args(argv))
-    values = dict(RECIPES[args.pop("recipe")])
-    config_path = args.pop("config")
+    recipe, config_path = args.pop("recipe"), args.pop("config")
+    values = {}
     if config_path:
         with open(config_path, "rb") as f:
-            values.update(tomllib.load(f))
-        unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+            values = tomllib.load(f)
+        values.update(values.pop("model", {}))
+        unknown = set(values) - {f.name for f in settings()}
         if unknown:
             parser.error(f"unknown settings in the config file: {sorted(unknown)}")
     values.update({k: v for k, v in args.items() if v is not None})
-    return TrainConfig(**values)
+    return make_config(recipe, **values)
+
+
+def _flag_type(annotation):
+    """int for int, int | None, and so on: what a flag's text is parsed as."""
+    if isinstance(annotation, types.UnionType):
+        return next(a for a in annotation.__args__ if a is not type(None))
+    return annotation
 
 
 def main(argv=None):
@@ -758,10 +893,6 @@ def main(argv=None):
     if history["val"]:
         print(f"final validation loss {history['val'][-1][1]:.4f}")
 # --8<-- [end:cli]
-
-
-if __name__ == "__main__":
-    main()
 
 
 # ---------------------------------------------------------------------------
@@ -784,13 +915,7 @@ def plot_lr_schedule():
 
 def plot_training_run():
     """Loss curves of a short run of a small GPT on the Python documentation."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as out_dir:
-        cfg = TrainConfig(n_layer=2, n_head=2, d_model=64, batch_size=16, max_iters=300, warmup_iters=30,
-                          decay_iters=300, lr=3e-3, eval_interval=50, eval_iters=10, sample_tokens=0,
-                          out_dir=out_dir, device="cpu", precision="fp32", progress=False)
-        history = train(cfg, log=lambda s: None)
+    history = train(make_config("tiny", eval_interval=50, out_dir=None), log=lambda s: None)
     return history_figure(history)
 
 
@@ -808,3 +933,7 @@ def plot_float_formats():
     ax.set(yticks=[], xlabel="log10 of the magnitude (normal numbers)", xlim=(-45, 60))
     fig.tight_layout()
     return fig
+
+
+if __name__ == "__main__":
+    main()

@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # the base of FlopCo
 
 from ch04_attention import repeat_kv
 from ch06_gpt import GPT, GPTConfig, flops_per_token
-from ch08_training import load_tokenizer, model_from_checkpoint, resolve_device
+from ch08_training import load_run_tokenizer, model_from_checkpoint, resolve_device
 # --8<-- [end:imports]
 
 
@@ -175,8 +175,8 @@ class KVCache:
     rotated by RoPE) and values, and attends to what it returns.
     """
 
-    def __init__(self, batch_size, n_kv_heads, max_len, head_dim, dtype=torch.float32, device=None):
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
+    def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype=torch.float32, device=None):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.seq_len = 0
@@ -284,11 +284,11 @@ def decode_step(model, ids, positions, caches, qkv, padding_mask=None):
     for block, cache, (weight, bias) in zip(model.blocks, caches, qkv):  # pre-norm blocks
         attn = block.attn
         heads = F.linear(block.attn_norm(x), weight, bias).view(B, 1, -1, attn.head_dim).transpose(1, 2)
-        q, k, v = heads.split([attn.n_heads, attn.n_kv_heads, attn.n_kv_heads], dim=1)  # (B, H or Hkv, 1, D)
+        q, k, v = heads.split([attn.n_head, attn.n_kv_head, attn.n_kv_head], dim=1)  # (B, H or Hkv, 1, D)
         if attn.rope is not None:
             q, k = attn.rope(q, positions), attn.rope(k, positions)
         k, v = cache.update(k, v)  # (B, Hkv, Tk, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=attn.n_heads != attn.n_kv_heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=attn.n_head != attn.n_kv_head)
         x = x + attn.out_proj(y.transpose(1, 2).reshape(B, 1, -1))  # (B, 1, C)
         x = x + block.mlp(block.mlp_norm(x))
     return model.lm_head(model.norm_f(x))[:, -1]  # (B, V)
@@ -502,14 +502,14 @@ def sequence_logprob(model, idx, prompt_len, length_penalty=0.0):
 def cross_attention_kv(attn, memory):
     """Keys and values of the encoder output memory (B, S, C) for one cross-attention layer,
     (B, Hkv, S, D) each. They depend on the source only: compute them once per source."""
-    return attn.split_heads(attn.k_proj(memory), attn.n_kv_heads), attn.split_heads(attn.v_proj(memory), attn.n_kv_heads)
+    return attn.split_heads(attn.k_proj(memory), attn.n_kv_head), attn.split_heads(attn.v_proj(memory), attn.n_kv_head)
 
 
 def cached_cross_attention(attn, h, k, v, mask):
     """Cross-attention of attn (a MultiHeadAttention) from h (B, T, C) to precomputed k, v;
     mask (B, 1, 1, S), True for real source tokens."""
-    q = attn.split_heads(attn.q_proj(h), attn.n_heads)  # (B, H, T, D)
-    n_rep = attn.n_heads // attn.n_kv_heads
+    q = attn.split_heads(attn.q_proj(h), attn.n_head)  # (B, H, T, D)
+    n_rep = attn.n_head // attn.n_kv_head
     y = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
     return attn.out_proj(attn.merge_heads(y))  # (B, T, C)
 
@@ -536,7 +536,7 @@ def cached_greedy_decode(model, src, bos_id, eos_id, max_new_tokens):
     memory = model.encode(src)  # (B, S, C), once
     cross_mask = (src != pad)[:, None, None, :]  # (B, 1, 1, S)
     cross_kv = [cross_attention_kv(block.cross_attn, memory) for block in model.decoder]
-    caches = [KVCache(B, block.attn.n_kv_heads, max_new_tokens, block.attn.head_dim, memory.dtype, memory.device)
+    caches = [KVCache(B, block.attn.n_kv_head, max_new_tokens, block.attn.head_dim, memory.dtype, memory.device)
               for block in model.decoder]
     tokens = torch.full((B, max_new_tokens + 1), bos_id, dtype=torch.long, device=src.device)
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
@@ -643,8 +643,8 @@ def load_trained(out_dir, device="cpu"):
             raise FileNotFoundError(f"{path} does not exist: train a model first, for example with "
                                     f"python code/ch08_training.py --out-dir {out}")
     try:
-        tokenizer = load_tokenizer(out)
-        model, _ = model_from_checkpoint(checkpoint, tokenizer.vocab_size)
+        tokenizer = load_run_tokenizer(out)
+        model, _ = model_from_checkpoint(checkpoint)
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{out} does not hold a checkpoint of Chapter 8's trainer: {error}") from None
     return model.to(device), tokenizer

@@ -16,6 +16,7 @@ Shapes: B batch, T sequence length, V vocabulary size.
 
 # --8<-- [start:imports]
 import contextlib
+import dataclasses
 import json
 import random
 import re
@@ -27,9 +28,9 @@ from pathlib import Path
 import torch
 
 from ch02_tokenizer import python_docs_text, split_train_val, train_bpe
-from ch08_training import (RECIPES, CharTokenizer, TrainConfig, bits_per_byte, clip_grad_norm, get_batch,
-                           lr_at, make_optimizer, model_for, model_from_checkpoint, perplexity,
-                           resolve_device, train)
+from ch06_gpt import GPT
+from ch08_training import (CharTokenizer, TokenBatches, bits_per_byte, get_batch, make_config,
+                           model_from_checkpoint, perplexity, train)
 from ch09_generation import generate
 # --8<-- [end:imports]
 
@@ -191,47 +192,24 @@ def stride_sweep(model, ids, strides, block_size=None):
 # ---------------------------------------------------------------------------
 
 # --8<-- [start:models]
-def train_on_tokens(cfg, train_ids, vocab_size):
-    """Train a GPT on a token array with chapter 8's recipe (AdamW, warmup + cosine, clipping),
-    in memory: for models whose tokenizer is not chapter 8's characters.
-
-    Same seed, model, batches and updates as train(cfg) in fp32 without accumulation, so on
-    the same tokens it reproduces that run's training losses. Returns (model in eval mode,
-    the training loss of every iteration)."""
-    device = resolve_device(cfg.device)
+def train_gpt(cfg, data, vocab_size):
+    """A fresh GPT of cfg.model's shape with vocab_size tokens, trained in memory by
+    Chapter 8's train() on a source of batches (such as TokenBatches of any token arrays),
+    for tokenizers other than Chapter 8's characters. Returns (model in eval mode, history)."""
     torch.manual_seed(cfg.seed)
-    model = model_for(cfg, vocab_size).to(device)
-    optimizer = make_optimizer(model, cfg)
-    batches = torch.Generator().manual_seed(cfg.seed)
-    losses = []
-    for it in range(cfg.max_iters):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters)
-        x, y = get_batch(train_ids, cfg.block_size, cfg.batch_size, batches, device)
-        _, loss = model(x, y)
-        loss.backward()
-        clip_grad_norm(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return model.eval(), losses
+    model = GPT(dataclasses.replace(cfg.model, vocab_size=vocab_size))
+    history = train(dataclasses.replace(cfg, out_dir=None), model, data, log=lambda s: None)
+    return model.eval(), history
 
 
 def train_bpe_model(cfg, train_text, vocab_size=512):
     """Chapter 2's byte-level BPE with vocab_size tokens, learned on train_text, and a GPT
     trained on its tokens as cfg says. Returns (model, tokenizer as a tiktoken Encoding)."""
     tokenizer = train_bpe(train_text, vocab_size).to_tiktoken()
-    model, _ = train_on_tokens(cfg, torch.tensor(tokenizer.encode_ordinary(train_text)), tokenizer.n_vocab)
+    ids = torch.tensor(tokenizer.encode_ordinary(train_text))
+    data = TokenBatches(ids, None, cfg.model.block_size)  # training only: no validation split
+    model, _ = train_gpt(dataclasses.replace(cfg, eval_iters=0), data, tokenizer.n_vocab)
     return model, tokenizer
-
-
-def demo_config(**overrides):
-    """The small, fast run this chapter's examples use: a 2-layer GPT with rotary positions
-    (chapter 8's CPU recipe), 300 iterations."""
-    settings = dict(n_layer=2, n_head=2, d_model=64, block_size=64, positions="rope", batch_size=16,
-                    max_iters=300, warmup_iters=30, decay_iters=300, lr=3e-3, eval_interval=100,
-                    eval_iters=10, sample_tokens=0, device="cpu", precision="fp32", progress=False)
-    return TrainConfig(**{**settings, **overrides})
 # --8<-- [end:models]
 
 
@@ -266,7 +244,7 @@ def compare_checkpoints(checkpoints, tokenizer, text, stride, history=None, wind
     history, the mean training loss of the last ``window`` iterations before it."""
     rows = []
     for it, path in sorted(checkpoints.items()):
-        model, _ = model_from_checkpoint(path, tokenizer.vocab_size)
+        model, _ = model_from_checkpoint(path)
         score = evaluate_text(model, tokenizer, text, stride)
         row = {"iteration": it, "loss": score.loss, "perplexity": score.perplexity,
                "bits_per_byte": score.bits_per_byte}
@@ -517,27 +495,28 @@ def reference_diagnostics(ids, n_samples=8, n_tokens=100, seed=0):
 # Figures (drawn at build time: each trains its own small model in seconds)
 # ---------------------------------------------------------------------------
 
-def _python_docs_split():
-    """Chapter 8's character tokenizer and train/validation ids of the Python docs."""
+def _tiny_docs_model():
+    """Chapter 8's "tiny" recipe trained on the characters of the Python docs:
+    (model, tokenizer, validation ids)."""
     text = python_docs_text()
     tokenizer = CharTokenizer.from_text(text)
     train_ids, val_ids = split_train_val(torch.tensor(tokenizer.encode(text)))
-    return tokenizer, train_ids, val_ids
+    cfg = make_config("tiny", device="cpu")
+    model, _ = train_gpt(cfg, TokenBatches(train_ids, val_ids, cfg.model.block_size), tokenizer.vocab_size)
+    return model, tokenizer, val_ids
 
 
 def plot_context_and_stride():
     """Loss against context length, and the held-out loss and cost against the stride."""
     import matplotlib.pyplot as plt
 
-    tokenizer, train_ids, val_ids = _python_docs_split()
-    cfg = demo_config()
-    model, _ = train_on_tokens(cfg, train_ids, tokenizer.vocab_size)
+    model, tokenizer, val_ids = _tiny_docs_model()
     by_position = loss_by_position(model, val_ids)
     strides = [64, 32, 16, 8, 4, 2, 1]
     rows = stride_sweep(model, val_ids[:2000], strides)
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.plot(range(1, cfg.block_size + 1), by_position, "o-", ms=3)
+    ax1.plot(range(1, model.config.block_size + 1), by_position, "o-", ms=3)
     ax1.set(xlabel="tokens of context (position in the window + 1)", ylabel="mean loss (nats per token)",
             title="More context, lower loss")
     ax1.grid(alpha=0.3)
@@ -557,9 +536,9 @@ def plot_context_and_stride():
 
 def overfit_config(data, out_dir, **overrides):
     """A wide one-layer GPT, no weight decay: on a tiny text it has capacity to memorise."""
-    settings = dict(data=str(data), out_dir=str(out_dir), n_layer=1, d_model=128, block_size=32, max_iters=300,
-                    decay_iters=300, weight_decay=0.0, eval_interval=30, eval_iters=8)
-    return demo_config(**{**settings, **overrides})
+    settings = dict(data=str(data), out_dir=str(out_dir), n_layer=1, d_model=128, block_size=32,
+                    weight_decay=0.0, eval_interval=30, eval_iters=8, device="cpu")
+    return make_config("tiny", **{**settings, **overrides})
 
 
 def plot_learning_curves(tiny_chars=3000):
@@ -591,10 +570,9 @@ def plot_learning_curves(tiny_chars=3000):
 # --8<-- [start:capstone]
 def capstone_history(data="python-docs", eval_interval=50, eval_iters=20):
     """The history of a run of Chapter 8's capstone recipe (RECIPES["book"]) on ``data``."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        cfg = TrainConfig(**RECIPES["book"], data=str(data), out_dir=out_dir, eval_interval=eval_interval,
-                          eval_iters=eval_iters, sample_tokens=0, device="cpu", precision="fp32", progress=False)
-        return train(cfg, log=lambda s: None)
+    cfg = make_config("book", data=str(data), out_dir=None, eval_interval=eval_interval, eval_iters=eval_iters,
+                      sample_tokens=0, progress=False, device="cpu")
+    return train(cfg, log=lambda s: None)
 # --8<-- [end:capstone]
 
 
@@ -627,8 +605,7 @@ def plot_sampling_diagnostics():
     """Distinct-2 and the repetition rate of samples against temperature, for three top-p."""
     import matplotlib.pyplot as plt
 
-    tokenizer, train_ids, val_ids = _python_docs_split()
-    model, _ = train_on_tokens(demo_config(), train_ids, tokenizer.vocab_size)
+    model, tokenizer, val_ids = _tiny_docs_model()
     prompt = tokenizer.encode("The ")
     temperatures = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5]
     reference = reference_diagnostics(val_ids.tolist())

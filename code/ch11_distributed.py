@@ -13,7 +13,7 @@ batch. The same command runs in one process or in many, on CPUs (gloo) or GPUs (
 Also here: the ring all-reduce and its cost, the memory a process holds per parameter and
 what sharding it (ZeRO, FSDP) saves, and the FLOPs, utilisation and duration of a run.
 
-Depends on torch (torch.distributed), numpy, the standard library and chapters 6 and 8;
+Depends on torch (torch.distributed), the standard library and chapters 6 and 8;
 matplotlib only in the plot_* functions.
 """
 
@@ -25,13 +25,12 @@ import datetime
 import os
 import socket
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ch06_gpt import GPT, GPTConfig, flops_per_token, gpt_num_parameters
-from ch08_training import SingleProcess, TrainConfig, get_batch, parse_args, resolve_device
+from ch08_training import SingleProcess, get_batch, parse_args, resolve_device
 from ch08_training import train as train_loop  # Chapter 8's loop, which train() below reuses
 # --8<-- [end:imports]
 
@@ -193,23 +192,14 @@ def per_rank_batch(batch_size, world_size):
 
 # --8<-- [start:exercise-1]
 # Exercise 1: this process's rows of a global batch
-def shard_batch(data, block_size, batch_size, generator, rank, world_size, device="cpu"):
-    """Rows rank * b to (rank + 1) * b - 1, with b = batch_size // world_size, of the batch
-    that get_batch(data, block_size, batch_size, generator) draws: x and y, each (b, T).
-
-    Draw all batch_size window starts from ``generator`` exactly as get_batch does, so that
-    every process advances it alike and the global batch is the same for any world_size;
-    then read only this process's windows. Use per_rank_batch for b (it raises ValueError
-    when batch_size does not divide by world_size).
+def shard_batch(batch, rank, world_size):
+    """This process's rows of a global batch: a tuple of tensors whose first dimension is
+    the batch_size rows (x, y, and any mask). Return the same tuple with rows rank * b to
+    (rank + 1) * b - 1 of each tensor, b = batch_size // world_size. Use per_rank_batch for
+    b: it raises ValueError when batch_size does not divide by world_size.
     """
-    b = per_rank_batch(batch_size, world_size)
-    if len(data) <= block_size:
-        raise ValueError(f"{len(data)} tokens are too few for windows of {block_size + 1}")
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # the global batch
-    mine = starts[rank * b : (rank + 1) * b].tolist()
-    windows = np.stack([np.asarray(data[s : s + block_size + 1], dtype=np.int64) for s in mine])
-    windows = torch.from_numpy(windows).to(device)  # (b, T + 1)
-    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+    b = per_rank_batch(len(batch[0]), world_size)
+    return tuple(t[rank * b : (rank + 1) * b] for t in batch)
 # --8<-- [end:exercise-1]
 
 
@@ -262,8 +252,9 @@ class DataParallel(SingleProcess):
         self.ddp = DDP(model, device_ids=[self.device.index] if on_gpu else None, gradient_as_bucket_view=True)
         return self.ddp
 
-    def get_batch(self, data, block_size, batch_size, generator, device):
-        return shard_batch(data, block_size, batch_size, generator, self.rank, self.world_size, device)
+    def get_batch(self, data, split, batch_size, generator, device):
+        # every process draws the same global batch from the same generator state, then keeps its rows
+        return shard_batch(data.get_batch(split, batch_size, generator, device), self.rank, self.world_size)
 
     def gradient_sync(self, sync):
         # no_sync must hold the forward pass too: DDP decides in forward whether the coming
@@ -278,14 +269,14 @@ class DataParallel(SingleProcess):
 
 
 # --8<-- [start:train]
-def train(cfg, stop_after=None, log=print):
-    """Chapter 8's trainer, in this process alone (plain ``python``) or in every process that
-    torchrun started. The result is the same run, up to rounding: cfg.batch_size is the
-    global batch and the data position does not depend on the number of processes.
-    Only rank 0 logs and writes; every process returns the history."""
+def train(cfg, model=None, data=None, *, log=print, **options):
+    """Chapter 8's train(cfg, model, data, ...), in this process alone (plain ``python``) or in
+    every process that torchrun started. The result is the same run, up to rounding:
+    cfg.batch_size is the global batch and the data position does not depend on the number
+    of processes. Only rank 0 logs and writes; every process returns the history."""
     env = distributed_env()
     if env is None:
-        return train_loop(cfg, stop_after, log)
+        return train_loop(cfg, model, data, log=log, **options)
     per_rank_batch(cfg.batch_size, env.world_size)  # a bad config fails before any process waits
     device = process_device(cfg.device, env.local_rank)
     cfg = dataclasses.replace(cfg, device=str(device), progress=cfg.progress and env.rank == 0)
@@ -294,7 +285,7 @@ def train(cfg, stop_after=None, log=print):
         init_distributed(env, device)
     try:
         runtime = DataParallel(env.rank, env.world_size, device)
-        history = train_loop(cfg, stop_after, log if runtime.is_main else _quiet, runtime)
+        history = train_loop(cfg, model, data, log=log if runtime.is_main else _quiet, runtime=runtime, **options)
         dist.barrier()  # the checkpoint is written before any process moves on
     finally:
         if joined_here:

@@ -13,20 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from ch06_gpt import GPT, GPTConfig
-from helpers import tiny_train_settings
+from ch06_gpt import GPTConfig
+from helpers import tiny_gpt, tiny_train_settings
 
 
 @pytest.fixture(scope="module")
 def ch(load_chapter):
     return load_chapter("ch08_training")
-
-
-def tiny_gpt(seed=0, vocab_size=50, **overrides):
-    torch.manual_seed(seed)
-    config = dict(vocab_size=vocab_size, block_size=16, n_layer=2, n_head=2, d_model=32, dropout=0.0)
-    config.update(overrides)
-    return GPT(GPTConfig(**config))
 
 
 def random_batch(seed, batch_size=4, block_size=16, vocab_size=50):
@@ -37,7 +30,7 @@ def random_batch(seed, batch_size=4, block_size=16, vocab_size=50):
 
 
 def tiny_config(ch, out_dir, **overrides):
-    return ch.TrainConfig(**tiny_train_settings(out_dir, **overrides))
+    return ch.make_config("tiny", **tiny_train_settings(out_dir, **overrides))
 
 
 # ---------------------------------------------------------------------------
@@ -403,12 +396,12 @@ def test_cli_flags_and_config_file(ch, tmp_path):
 
 def test_cli_recipe_is_overridden_by_the_config_file_and_flags(ch, tmp_path):
     book = ch.parse_args(["--recipe", "book"])
-    assert (book.positions, book.mlp, book.lr, book.max_iters, book.fused_adamw) == ("rope", "relu", 3e-3, 900, True)
-    assert book.n_layer == 4 and book.block_size == 64  # nanoGPT's model and data otherwise
+    assert (book.model.positions, book.model.mlp, book.lr, book.max_iters, book.fused_adamw) == ("rope", "relu", 3e-3, 900, True)
+    assert book.model.n_layer == 4 and book.model.block_size == 64  # nanoGPT's model and data otherwise
     config = tmp_path / "run.toml"
     config.write_text("max_iters = 500\n")
     cfg = ch.parse_args(["--recipe", "book", "--config", str(config), "--lr", "0.001"])
-    assert (cfg.max_iters, cfg.lr, cfg.positions) == (500, 0.001, "rope")
+    assert (cfg.max_iters, cfg.lr, cfg.model.positions) == (500, 0.001, "rope")
     with pytest.raises(SystemExit):
         ch.parse_args(["--recipe", "fastest"])
 
@@ -421,11 +414,156 @@ def test_model_from_checkpoint_is_the_trained_model_and_leaves_the_random_state_
     torch.manual_seed(7)
     expected = torch.rand(3)
     torch.manual_seed(7)
-    model, info = ch.model_from_checkpoint(tmp_path / "checkpoint.safetensors", ch.load_tokenizer(tmp_path).vocab_size)
+    model, info = ch.model_from_checkpoint(tmp_path / "checkpoint.safetensors")
     torch.testing.assert_close(torch.rand(3), expected)  # loading to use a model reseeds nothing
-    assert info["step"] == cfg.max_iters and info["config"]["d_model"] == cfg.d_model and not model.training
+    assert info["step"] == cfg.max_iters and not model.training
+    assert model.config == dataclasses.replace(cfg.model, vocab_size=ch.load_run_tokenizer(tmp_path).vocab_size)
     saved = load_file(tmp_path / "checkpoint.safetensors")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, saved["model." + name]), name
     with pytest.raises(ValueError, match="not a checkpoint"):
         ch.checkpoint_metadata(tmp_path / "tokenizer.json")
+
+
+def test_clip_grad_norm_without_gradients_returns_zero_like_pytorch(ch):
+    model = tiny_gpt()  # no backward yet: every .grad is None
+    expected = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    assert ch.clip_grad_norm(model.parameters(), 1.0) == expected == 0
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_checkpoint_restores_the_optimizer_exactly_types_included(ch, tmp_path, fused):
+    model = tiny_gpt(seed=5)
+    cfg = ch.make_config("tiny", fused_adamw=fused)
+    opt = ch.make_optimizer(model, cfg)
+    model(*random_batch(0))[1].backward()
+    opt.step()
+    ch.save_checkpoint(tmp_path / "c.safetensors", model, opt, 1, torch.Generator(), {})
+    fresh = tiny_gpt(seed=6)
+    opt2 = ch.make_optimizer(fresh, cfg)
+    ch.load_checkpoint(tmp_path / "c.safetensors", fresh, opt2)
+    saved, restored = opt.state_dict(), opt2.state_dict()
+    assert restored["param_groups"] == saved["param_groups"]
+    assert [type(v) for g in restored["param_groups"] for v in g.values()] == \
+        [type(v) for g in saved["param_groups"] for v in g.values()]  # betas is a tuple again
+    assert isinstance(restored["param_groups"][0]["betas"], tuple)
+    for index, state in saved["state"].items():
+        for key, value in state.items():
+            other = restored["state"][index][key]
+            assert type(other) is type(value) and other.dtype == value.dtype and torch.equal(other, value)
+
+
+def test_loading_a_checkpoint_leaves_the_global_random_state_unless_asked(ch, tmp_path):
+    model, g = tiny_gpt(), torch.Generator()
+    torch.manual_seed(1)
+    ch.save_checkpoint(tmp_path / "c.safetensors", model, ch.AdamW(model.parameters()), 1, g, {})
+    saved_state = torch.get_rng_state()
+    other = tiny_gpt(seed=3)
+    torch.manual_seed(2)
+    before = torch.get_rng_state()
+    ch.load_checkpoint(tmp_path / "c.safetensors", other)
+    assert torch.equal(torch.get_rng_state(), before)
+    ch.load_checkpoint(tmp_path / "c.safetensors", other, restore_rng=True)
+    assert torch.equal(torch.get_rng_state(), saved_state)
+
+
+def test_make_config_routes_model_settings_and_rejects_unknown_recipes(ch):
+    cfg = ch.make_config("tiny", n_kv_head=1, norm="rmsnorm", max_iters=7)
+    assert (cfg.model.n_layer, cfg.model.n_kv_head, cfg.model.norm, cfg.max_iters) == (2, 1, "rmsnorm", 7)
+    assert ch.make_config() == ch.TrainConfig()
+    with pytest.raises(ValueError, match="unknown recipe"):
+        ch.make_config("fastest")
+
+
+LLAMA_FLAGS = ["--n-kv-head", "1", "--norm", "rmsnorm", "--mlp", "swiglu", "--positions", "rope",
+               "--rope-base", "500000", "--d-ff", "96", "--no-tie-weights", "--norm-eps", "1e-6"]
+
+
+def test_cli_exposes_every_model_setting_and_a_model_table_in_toml(ch, tmp_path):
+    cfg = ch.parse_args(LLAMA_FLAGS)
+    expected = dict(n_kv_head=1, norm="rmsnorm", mlp="swiglu", positions="rope", rope_base=500000.0, d_ff=96,
+                    tie_weights=False, norm_eps=1e-6)
+    assert {k: getattr(cfg.model, k) for k in expected} == expected
+    settable = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}  # vocab_size comes from the data
+    flags = {action.dest for action in ch.arg_parser()._actions}
+    assert settable <= flags
+    config = tmp_path / "run.toml"
+    config.write_text('lr = 0.002\n[model]\nn_layer = 3\nmlp = "relu"\n')
+    cfg = ch.parse_args(["--config", str(config), "--n-layer", "5"])
+    assert (cfg.lr, cfg.model.n_layer, cfg.model.mlp) == (0.002, 5, "relu")
+
+
+def test_a_llama_style_model_trains_saves_and_reloads(ch, tmp_path):
+    cfg = ch.parse_args([*LLAMA_FLAGS, "--recipe", "tiny", "--max-iters", "6", "--eval-interval", "3",
+                         "--eval-iters", "1", "--block-size", "16", "--batch-size", "4", "--device", "cpu",
+                         "--out-dir", str(tmp_path)])
+    history = ch.train(cfg, log=lambda s: None)
+    assert len(history["train"]) == 6
+    model, info = ch.model_from_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert model.config.n_kv_head == 1 and not model.config.tie_weights and model.config.norm == "rmsnorm"
+    assert info["config"]["model"]["mlp"] == "swiglu"
+
+
+class CopyTask:
+    """A source of padded batches for train(): copy a random prefix; only the copy is learned."""
+
+    def __init__(self, vocab_size=50, length=6):
+        self.vocab_size, self.length = vocab_size, length
+
+    def get_batch(self, split, batch_size, generator, device="cpu"):
+        prefix = torch.randint(1, self.vocab_size, (batch_size, self.length), generator=generator)
+        seq = torch.cat([prefix, prefix], dim=1)  # (B, 2L)
+        x, y = seq[:, :-1], seq[:, 1:]
+        mask = torch.zeros_like(y, dtype=torch.bool)
+        mask[:, self.length - 1 :] = True  # the second half is predictable, the first is not
+        return x.to(device), y.to(device), mask.to(device)
+
+
+def test_train_takes_any_model_source_of_batches_and_frozen_parameters(ch, tmp_path):
+    model = tiny_gpt(seed=3)
+    frozen = model.blocks[0].mlp
+    frozen.requires_grad_(False)  # a frozen part stays as it was
+    before = [p.detach().clone() for p in frozen.parameters()]
+    cfg = ch.make_config("tiny", max_iters=80, decay_iters=80, eval_interval=40, eval_iters=4, lr=1e-2,
+                         batch_size=16, out_dir=str(tmp_path), device="cpu")
+    data = CopyTask()
+    history = ch.train(cfg, model, data, evaluate=lambda m: {"n": 1.0}, log=lambda s: None)
+    assert all(torch.equal(p, q) for p, q in zip(frozen.parameters(), before))
+    assert history["val"][-1][1] < 0.5 * history["val"][0][1]  # it learned to copy
+    assert [it for it, _ in history["metrics"]] == [40, 80]
+    # the loss is measured on the masked targets only: the reference is the brute-force mean
+    x, y, mask = data.get_batch("val", 4, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, _ = model(x)
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+        expected = losses[mask].mean()
+        torch.testing.assert_close(ch.next_token_loss(model, (x, y, mask)), expected)
+    assert not (tmp_path / "train.npy").exists()  # the data came from the source, not the corpus
+    assert ch.checkpoint_metadata(tmp_path / "checkpoint.safetensors")["step"] == 80
+
+
+def test_out_dir_none_trains_in_memory(ch, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    history = ch.train(ch.make_config("tiny", max_iters=4, eval_interval=2, eval_iters=1, out_dir=None,
+                                      device="cpu"), log=lambda s: None)
+    assert len(history["train"]) == 4 and len(history["val"]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_without_frozen_weights_resumes_exactly(ch, tmp_path):
+    def run(out_dir, stop_after=None):
+        model = tiny_gpt(seed=3)
+        model.blocks[0].requires_grad_(False)
+        cfg = ch.make_config("tiny", max_iters=12, decay_iters=12, eval_interval=6, eval_iters=1, batch_size=4,
+                             out_dir=str(out_dir), device="cpu", save_frozen=False)
+        return ch.train(cfg, model, CopyTask(), stop_after=stop_after, log=lambda s: None)
+
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "resumed", stop_after=6)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "resumed" / "checkpoint.safetensors")
+    assert not any(k.startswith("model.blocks.0.") for k in saved) and "model.blocks.1.mlp.fc.weight" in saved
+    assert run(tmp_path / "resumed")["train"] == whole["train"]
+    with pytest.raises(ValueError, match="does not have"):
+        ch.load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors", tiny_gpt(n_layer=1))

@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ch07_transformer as ch07
 from ch06_gpt import GPT, GPTConfig, to_hf_gpt2
-from helpers import ListCache
+import helpers
+from helpers import ListCache, tiny_train_settings
 
 FAST = settings(max_examples=30, deadline=None)
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +37,7 @@ def ch(load_chapter):
     return load_chapter("ch09_generation")
 
 
-def tiny_gpt(seed=0, **overrides):
-    torch.manual_seed(seed)
-    config = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, d_model=32)
-    return GPT(GPTConfig(**{**config, **overrides})).eval()
+tiny_gpt = partial(helpers.tiny_gpt, vocab_size=97, block_size=32, n_head=4)
 
 
 # Learned positions, rotary positions, and grouped-query attention (2 kv heads for 4 heads).
@@ -538,9 +537,8 @@ def trained(tmp_path_factory):
     import ch08_training as ch08
 
     out = tmp_path_factory.mktemp("run")
-    cfg = ch08.TrainConfig(data="python-docs", n_layer=1, n_head=2, d_model=32, block_size=16, batch_size=4,
-                           max_iters=6, warmup_iters=2, decay_iters=6, eval_interval=6, eval_iters=1, sample_tokens=0,
-                           out_dir=str(out), device="cpu", precision="fp32", progress=False, positions="rope")
+    cfg = ch08.make_config("tiny", **tiny_train_settings(out, max_iters=6, warmup_iters=2, decay_iters=6,
+                                                          eval_iters=1, sample_tokens=0, dropout=0.0))
     ch08.train(cfg, log=lambda s: None)
     return out
 

@@ -8,6 +8,7 @@ Run against your own module with: pytest tests/test_ch10_evaluation.py --impl my
 import json
 import math
 import types
+from functools import partial
 
 import pytest
 import torch
@@ -15,9 +16,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ch06_gpt import GPT, GPTConfig
-from ch08_training import CharTokenizer, lm_loss, load_token_file, load_tokenizer, model_from_checkpoint, train
+import helpers
+from ch08_training import (CharTokenizer, lm_loss, load_run_tokenizer, load_token_file, make_config,
+                           model_from_checkpoint, train)
 from ch09_generation import generate
+from helpers import tiny_train_settings
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +28,7 @@ def ch(load_chapter):
     return load_chapter("ch10_evaluation")
 
 
-def tiny_gpt(seed=0, vocab_size=20, block_size=8):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, d_model=16)).eval()
+tiny_gpt = partial(helpers.tiny_gpt, vocab_size=20, block_size=8, n_layer=1, d_model=16)
 
 
 class Bigram(torch.nn.Module):
@@ -222,30 +223,18 @@ def test_the_information_of_a_text_does_not_depend_on_how_it_is_tokenized(ch):
 # ---------------------------------------------------------------------------
 
 
-def small_run(ch, out_dir, **overrides):
-    settings = dict(n_layer=1, n_head=2, d_model=32, block_size=16, batch_size=4, max_iters=12,
-                    warmup_iters=3, decay_iters=12, eval_interval=6, eval_iters=2, out_dir=str(out_dir))
-    return ch.demo_config(**{**settings, **overrides})
-
-
-def test_train_on_tokens_reproduces_chapter_8_train(ch, tmp_path):
-    cfg = small_run(ch, tmp_path)
-    history = train(cfg, log=lambda s: None)
-    model, losses = ch.train_on_tokens(cfg, load_token_file(tmp_path / "train.npy"),
-                                       load_tokenizer(tmp_path).vocab_size)
-    assert losses == pytest.approx(history["train"], rel=1e-6)
+def small_run(out_dir, **overrides):
+    return make_config("tiny", **tiny_train_settings(out_dir, dropout=0.0, sample_tokens=0, **overrides))
 
 
 def test_kept_checkpoints_are_the_run_at_those_iterations(ch, tmp_path):
-    cfg = small_run(ch, tmp_path / "run")
+    cfg = small_run(tmp_path / "run")
     history, kept = ch.train_with_checkpoints(cfg, keep_at=[6, 12], log=lambda s: None)
     assert sorted(kept) == [6, 12] and [it for it, _ in history["val"]] == [6, 12]
-    tokenizer = load_tokenizer(tmp_path / "run")
-    train_ids = load_token_file(tmp_path / "run" / "train.npy")
-    for it in (6, 12):  # an uninterrupted run stopped at `it` has the same weights
-        reference, _ = ch.train_on_tokens(small_run(ch, tmp_path, max_iters=it, decay_iters=12), train_ids,
-                                          tokenizer.vocab_size)
-        loaded, info = model_from_checkpoint(kept[it], tokenizer.vocab_size)
+    for it in (6, 12):  # an uninterrupted run that ends at `it` has the same weights
+        train(small_run(tmp_path / f"ref{it}", max_iters=it, decay_iters=12), log=lambda s: None)
+        reference, _ = model_from_checkpoint(tmp_path / f"ref{it}" / "checkpoint.safetensors")
+        loaded, info = model_from_checkpoint(kept[it])
         assert info["step"] == it and not loaded.training
         for (name, p), q in zip(loaded.state_dict().items(), reference.state_dict().values()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
@@ -254,14 +243,14 @@ def test_kept_checkpoints_are_the_run_at_those_iterations(ch, tmp_path):
 
 
 def test_compare_checkpoints_scores_every_checkpoint_on_the_same_text(ch, tmp_path):
-    cfg = small_run(ch, tmp_path)
+    cfg = small_run(tmp_path)
     history, kept = ch.train_with_checkpoints(cfg, keep_at=[6, 12], log=lambda s: None)
-    tokenizer = load_tokenizer(tmp_path)
+    tokenizer = load_run_tokenizer(tmp_path)
     text = tokenizer.decode(load_token_file(tmp_path / "val.npy")[:300].tolist())
     rows = ch.compare_checkpoints(kept, tokenizer, text, stride=1, history=history, window=4)
     assert [r["iteration"] for r in rows] == [6, 12]
     for row in rows:
-        model, _ = model_from_checkpoint(kept[row["iteration"]], tokenizer.vocab_size)
+        model, _ = model_from_checkpoint(kept[row["iteration"]])
         ids = torch.tensor(tokenizer.encode(text))
         assert row["loss"] == pytest.approx(brute_force_nll(model, ids, 16) / (len(ids) - 1), rel=1e-5)
         it = row["iteration"]

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,9 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ch08_training
+import helpers
 from ch06_gpt import GPT, GPTConfig, gpt_num_parameters
-from ch08_training import AdamW, get_batch, param_groups
+from ch08_training import AdamW, TokenBatches, get_batch, param_groups
 from helpers import tiny_train_settings
 
 CODE_DIR = Path(__file__).resolve().parent.parent / "code"
@@ -38,11 +40,7 @@ def ch(load_chapter):
     return load_chapter("ch11_distributed")
 
 
-def tiny_gpt(seed=0, **overrides):
-    torch.manual_seed(seed)
-    config = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=32, dropout=0.0, bias=False)
-    config.update(overrides)
-    return GPT(GPTConfig(**config))
+tiny_gpt = partial(helpers.tiny_gpt, bias=False)
 
 
 def tokens(n=2000, seed=0):
@@ -52,7 +50,7 @@ def tokens(n=2000, seed=0):
 
 def tiny_train_config(out_dir, **overrides):
     overrides = {"eval_interval": 3, "dropout": 0.0, **overrides}
-    return ch08_training.TrainConfig(**tiny_train_settings(out_dir, **overrides))
+    return ch08_training.make_config("tiny", **tiny_train_settings(out_dir, **overrides))
 
 
 def grads_of(model):
@@ -117,25 +115,22 @@ def test_backend_and_device_per_process(ch):
 
 @pytest.mark.exercise(1)
 def test_exercise_1_shards_are_the_rows_of_the_global_batch(ch):
-    data = tokens()
-    reference = torch.Generator().manual_seed(7)
-    x, y = get_batch(data, 16, 12, reference)
-    for world_size in (1, 2, 3, 4, 6):
-        rows_x, rows_y = [], []
-        for rank in range(world_size):
-            g = torch.Generator().manual_seed(7)
-            xs, ys = ch.shard_batch(data, 16, 12, g, rank, world_size)
-            assert xs.shape == ys.shape == (12 // world_size, 16) and xs.dtype == torch.int64
-            assert torch.equal(g.get_state(), reference.get_state())  # every rank advances alike
-            rows_x.append(xs)
-            rows_y.append(ys)
-        assert torch.equal(torch.cat(rows_x), x) and torch.equal(torch.cat(rows_y), y)
+    x, y = get_batch(tokens(), 16, 12, torch.Generator().manual_seed(7))
+    for batch in [(x, y), (x, y, x % 2 == 0)]:  # a loss mask shards like the rest
+        for world_size in (1, 2, 3, 4, 6):
+            shards = [ch.shard_batch(batch, rank, world_size) for rank in range(world_size)]
+            for shard in shards:
+                assert len(shard) == len(batch)
+                assert all(t.shape == (12 // world_size, 16) for t in shard)
+            for i, whole in enumerate(batch):
+                assert torch.equal(torch.cat([shard[i] for shard in shards]), whole)
 
 
 @pytest.mark.exercise(1)
 def test_exercise_1_indivisible_batch_is_an_error(ch):
+    batch = get_batch(tokens(), 16, 10, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError):
-        ch.shard_batch(tokens(), 16, 10, torch.Generator().manual_seed(0), 0, 4)
+        ch.shard_batch(batch, 0, 4)
 
 
 # ---------------------------------------------------------------------------
@@ -299,7 +294,7 @@ def _two_rank_worker(rank, world_size, port, module_path, out_dir):
         optimizer = AdamW(param_groups(model, 0.1), lr=1e-2)
         batches = torch.Generator().manual_seed(1)
         for _ in range(3):
-            x, y = runtime.get_batch(data, 16, 8, batches, "cpu")
+            x, y = runtime.get_batch(TokenBatches(data, data, 16), "train", 8, batches, "cpu")
             ddp(x, y)[1].backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -311,7 +306,7 @@ def _two_rank_worker(rank, world_size, port, module_path, out_dir):
         ddp = runtime.wrap(model)
         batches, after_first = torch.Generator().manual_seed(2), None
         for micro in range(2):
-            x, y = runtime.get_batch(data, 16, 8, batches, "cpu")
+            x, y = runtime.get_batch(TokenBatches(data, data, 16), "train", 8, batches, "cpu")
             with runtime.gradient_sync(sync=micro == sync_on):
                 (ddp(x, y)[1] / 2).backward()
             after_first = after_first or grads_of(model)
@@ -447,7 +442,7 @@ def test_exercise_3_bytes_per_parameter_matches_real_sharding(ch, two_ranks):
 
 def test_cli_under_torchrun_then_resume_in_one_process(ch, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
-    flags = ["--data", "python-docs", "--n-layer", "1", "--n-head", "2", "--d-model", "32", "--block-size", "16",
+    flags = ["--recipe", "tiny", "--data", "python-docs", "--n-layer", "1", "--d-model", "32", "--block-size", "16",
              "--batch-size", "4", "--max-iters", "6", "--decay-iters", "12", "--warmup-iters", "3",
              "--eval-interval", "3", "--eval-iters", "2", "--sample-tokens", "8", "--out-dir", str(two),
              "--device", "cpu", "--precision", "fp32", "--no-progress", "--dropout", "0.0"]

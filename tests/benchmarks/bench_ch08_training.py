@@ -24,6 +24,7 @@ the target is crossed.
 """
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -76,7 +77,7 @@ def run(settings, data, eval_interval):
     """Train once; returns (history, Timed). The clock includes tokenising the corpus and
     building the model (about a second), as nanoGPT's wall time does."""
     with tempfile.TemporaryDirectory() as out_dir:
-        cfg = t.TrainConfig(data=str(data), out_dir=out_dir, device="cpu", precision="fp32",
+        cfg = t.make_config(data=str(data), out_dir=out_dir, device="cpu", precision="fp32",
                             eval_interval=eval_interval, sample_tokens=0, progress=False, **settings)
         with Timed() as timer:
             history = t.train(cfg, log=lambda s: None)
@@ -139,16 +140,16 @@ def _iterations_for(settings, seconds, data):
 
 def step_phases(settings, steps=60, warmup=10):
     """Median seconds of each phase of one training step of ``settings``, and the model."""
-    cfg = t.TrainConfig(**settings)
+    cfg = t.make_config(**settings)
     data = torch.randint(0, 65, (1_000_000,)).numpy().astype("uint16")
     torch.manual_seed(0)
-    model = t.model_for(cfg, vocab_size=65)
+    model = t.GPT(dataclasses.replace(cfg.model, vocab_size=65))
     opt = t.make_optimizer(model, cfg)
     g = torch.Generator().manual_seed(0)
     phases = {"data": [], "forward": [], "backward": [], "optimizer": []}
     for step in range(steps):
         t0 = time.perf_counter()
-        x, y = t.get_batch(data, cfg.block_size, cfg.batch_size, g)
+        x, y = t.get_batch(data, cfg.model.block_size, cfg.batch_size, g)
         t1 = time.perf_counter()
         _, loss = model(x, y)
         t2 = time.perf_counter()
@@ -167,8 +168,8 @@ def step_phases(settings, steps=60, warmup=10):
 def breakdown(args):
     """One training step of nanoGPT's configuration and of the book's recipe, phase by phase."""
     (ref, model, cfg), (book, _, _) = step_phases(NANOGPT_RECIPE), step_phases(BOOK_RECIPE)
-    tokens = cfg.batch_size * cfg.block_size
-    fwd_flops = model.flops_per_token(cfg.block_size) * tokens
+    tokens = cfg.batch_size * cfg.model.block_size
+    fwd_flops = model.flops_per_token(cfg.model.block_size) * tokens
     print(f"nanoGPT's configuration, {model.num_parameters():,} parameters, {tokens} tokens per step")
     print(f"  {'phase':10s} {'nanoGPT recipe':>22s} {'book recipe':>22s}")
     for name in ref:
