@@ -463,7 +463,7 @@ def load_checkpoint(path, model, optimizer=None, generator=None, restore_rng=Fal
     return info
 
 
-def _safetensors_metadata(data: bytes):
+def _safetensors_metadata(data):
     header_len = int.from_bytes(data[:8], "little")
     return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
 
@@ -714,7 +714,7 @@ def train(cfg, model=None, data=None, *, loss_fn=None, evaluate=None, stop_after
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
 
     torch.manual_seed(cfg.seed)
-    model = (GPT(cfg.model) if model is None else model).to(device)
+    model = (GPT(cfg.model) if model is None else model).to(device).train()  # dropout on, if any
     if isinstance(getattr(model, "config", None), GPTConfig):
         cfg = dataclasses.replace(cfg, model=model.config)  # what a checkpoint rebuilds
     optimizer = make_optimizer(model, cfg)
@@ -736,7 +736,7 @@ def train(cfg, model=None, data=None, *, loss_fn=None, evaluate=None, stop_after
     for it in range(start, cfg.max_iters):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters)
-        loss_sum, n_tokens = 0.0, 0
+        loss_sum, n_tokens = 0.0, 0  # tokens: of the global batch, when batches are token ids
         for micro in range(cfg.grad_accum):
             batch = runtime.get_batch(data, "train", cfg.batch_size, batches, device)
             with runtime.gradient_sync(sync=micro == cfg.grad_accum - 1):
@@ -744,7 +744,8 @@ def train(cfg, model=None, data=None, *, loss_fn=None, evaluate=None, stop_after
                     loss = loss_fn(step_fn, batch)
                 scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
-            n_tokens += cfg.batch_size * batch[0][0].numel()  # rows of the global batch
+            if not batch[0].is_floating_point():
+                n_tokens += cfg.batch_size * batch[0][0].numel()
         scaler.unscale_(optimizer)
         clip_grad_norm(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
@@ -754,7 +755,7 @@ def train(cfg, model=None, data=None, *, loss_fn=None, evaluate=None, stop_after
         history["train"].append(loss_sum)
 
         now = time.perf_counter()
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{n_tokens / (now - tick):,.0f}")
+        bar.set_postfix(loss=f"{loss_sum:.3f}", **({"tok_s": f"{n_tokens / (now - tick):,.0f}"} if n_tokens else {}))
         bar.update(1)
         tick = now
         done = it + 1

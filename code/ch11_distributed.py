@@ -308,10 +308,6 @@ def main(argv=None):
 # --8<-- [end:cli]
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ---------------------------------------------------------------------------
 # Memory per parameter, and what sharding saves
 # ---------------------------------------------------------------------------
@@ -477,3 +473,7 @@ def plot_memory_by_stage():
     ax.legend(fontsize=8, title="stage", title_fontsize=8)
     fig.tight_layout()
     return fig
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,8 @@
 """MkDocs hooks of the book: everything the site generates at build time.
 
-Nothing is written into docs/; generated files live in .cache/ and are added to the
-build as MkDocs files:
+Nothing is written into docs/; the generated files are added to the build with MkDocs'
+``File.generated`` (figures and executed notebooks are cached in .cache/, and notebooks are
+staged as ordinary files for mkdocs-jupyter, see ``_staged_notebook``):
 
 * figures: a page that shows ``figures/ch01_backprop.plot_training.svg`` gets the SVG
   drawn by calling ``plot_training()`` of code/ch01_backprop.py (matplotlib);
@@ -52,11 +53,7 @@ def _fresh_module(name: str):
     try:
         for loaded in [m for m in sys.modules if re.fullmatch(r"ch\d\d_\w+", m)]:
             del sys.modules[loaded]  # its book imports too, so they are fresh as well
-        spec = importlib.util.spec_from_file_location(name, book_pages.CODE_DIR / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module
+        return book_pages.load_module(name, book_pages.CODE_DIR / f"{name}.py")
     finally:
         sys.path.remove(str(book_pages.CODE_DIR))
 
@@ -75,11 +72,9 @@ def draw_figure(module: str, function: str) -> Path:
     matplotlib.rcParams["svg.hashsalt"] = "llm-from-scratch"  # reproducible SVG ids
     log.info("drawing figure %s.%s()", module, function)
     figure = getattr(_fresh_module(module), function)()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    figure.savefig(tmp, format="svg", bbox_inches="tight", metadata={"Date": None})
+    with book_pages.atomic_write(out) as tmp:
+        figure.savefig(tmp, format="svg", bbox_inches="tight", metadata={"Date": None})
     plt.close(figure)
-    os.replace(tmp, out)
     return out
 
 
@@ -105,7 +100,7 @@ def executed_notebook(page: Path) -> Path | None:
     if not blocks:
         return None
     nb = book_pages.page_notebook(page, blocks)
-    path = book_pages.cached_notebook_path(page, nb)
+    path = book_pages.cached_notebook_path(page, book_pages.notebook_key(nb))
     if path.exists():
         return path
     older = sorted(book_pages.NOTEBOOK_CACHE.glob(f"{page.stem}-*.ipynb"), key=lambda p: p.stat().st_mtime)
@@ -122,20 +117,22 @@ def executed_notebook(page: Path) -> Path | None:
 # ---------------------------------------------------------------------------
 
 
-STAGING = book_pages.CACHE_DIR / "site-files"  # generated files, as MkDocs source files
+STAGING = book_pages.CACHE_DIR / "site-files"
 
 
-def _add(files, config, uri: str, path: Path | None = None, content: str | None = None) -> None:
-    """Add a generated file at ``uri``, staged on disk so every plugin can read it
-    (mkdocs-jupyter reads notebooks from their source path)."""
+def _staged_notebook(config, uri: str, path: Path) -> File:
+    """A notebook as a MkDocs file, copied to ``STAGING / uri``.
+
+    Not ``File.generated``: mkdocs-jupyter 0.26 wraps each notebook in a file object that
+    recomputes ``abs_src_path`` from ``src_dir``, which a generated file lacks, so the page
+    would have no source. And it publishes the .ipynb under its source's own name, which the
+    copy gives: notebooks/<stem>/<stem>.ipynb, the address the download link uses."""
     staged = STAGING / uri
     staged.parent.mkdir(parents=True, exist_ok=True)
-    data = path.read_bytes() if path is not None else content.encode("utf-8")
-    if not staged.exists() or staged.read_bytes() != data:
-        staged.write_bytes(data)
-    files.append(
-        File(uri, src_dir=str(STAGING), dest_dir=config["site_dir"],
-             use_directory_urls=config["use_directory_urls"])
+    if not staged.exists() or staged.read_bytes() != path.read_bytes():
+        staged.write_bytes(path.read_bytes())
+    return File(
+        uri, src_dir=str(STAGING), dest_dir=config["site_dir"], use_directory_urls=config["use_directory_urls"]
     )
 
 
@@ -144,22 +141,25 @@ def on_files(files, config):
     docs = Path(config["docs_dir"])
 
     mathjax = Path(importlib.util.find_spec("mathjax").origin).parent / "static/mathjax/es5"
-    _add(files, config, "assets/mathjax/tex-svg.js", mathjax / "tex-svg.js")
+    mathjax_js = str(mathjax / "tex-svg.js")
+    files.append(File.generated(config, "assets/mathjax/tex-svg.js", abs_src_path=mathjax_js))
 
     figures = set()
     for page in sorted(docs.rglob("*.md")):
         for match in FIGURE_REF.finditer(page.read_text(encoding="utf-8")):
             figures.add((match["module"], match["function"]))
     for module, function in sorted(figures):
-        _add(files, config, f"figures/{module}.{function}.svg", draw_figure(module, function))
+        svg = draw_figure(module, function)
+        files.append(File.generated(config, f"figures/{module}.{function}.svg", abs_src_path=str(svg)))
 
     for page in sorted((docs / CHAPTERS).glob("*.md")):
         notebook = executed_notebook(page)
         if notebook is not None:
-            _add(files, config, f"notebooks/{page.stem}.ipynb", notebook)
+            files.append(_staged_notebook(config, f"notebooks/{page.stem}.ipynb", notebook))
         module = book_pages.CODE_DIR / f"{page.stem}.py"
         if module.exists() and starter.find_exercises(module.read_text(encoding="utf-8")):
-            _add(files, config, f"starters/{page.stem}.py", content=starter.starter_for(page.stem))
+            content = starter.starter_for(page.stem)
+            files.append(File.generated(config, f"starters/{page.stem}.py", content=content))
     return files
 
 

@@ -7,22 +7,25 @@ page's code is expanded and run the same way in both places:
   the Snippets preprocessor built from mkdocs.yml itself.
 * ``page_notebook(page)``: the page as a Jupyter notebook (jupytext), self-contained: a
   setup cell per book module the page imports writes that module next to the notebook.
-* pytest runs a page's blocks in one kernel, one item per block, and stores the executed
-  notebook in .cache/notebooks/; the site build publishes that notebook (or executes it
-  itself when the cache has no copy), so CI runs each page once.
+* ``notebook_client(nb, workdir)``: runs a notebook with nbclient. The tests
+  (book_pytest.py) run a page's blocks in one kernel, one item per block, and store the
+  executed notebook in .cache/notebooks/; the site build publishes that notebook (or
+  executes it itself when the cache has no copy), so CI runs each page once.
+
+It also holds two small helpers of the build machinery: ``atomic_write`` and ``load_module``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib.util
 import io
-import json
 import os
 import re
-import shutil
+import sys
 import tempfile
-from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,173 +208,71 @@ def page_notebook(page: Path, blocks: list[Block] | None = None):
 
 
 def notebook_key(nb) -> str:
+    """A hash of the unexecuted notebook: its cache key."""
     import nbformat
 
     text = CACHE_VERSION + nbformat.writes(nb)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def cached_notebook_path(page: Path, nb) -> Path:
-    return NOTEBOOK_CACHE / f"{page.stem}-{notebook_key(nb)}.ipynb"
+def cached_notebook_path(page: Path, key: str) -> Path:
+    """Where the executed notebook of ``page`` whose cache key is ``key`` is stored."""
+    return NOTEBOOK_CACHE / f"{page.stem}-{key}.ipynb"
 
 
 def save_executed(path: Path, nb) -> None:
-    """Write atomically, so a killed run never leaves a half-written cache entry."""
     import nbformat
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    nbformat.write(nb, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        nbformat.write(nb, tmp)
 
 
-class PageKernel:
-    """One Jupyter kernel running a notebook's cells, in a fresh temporary folder."""
+def notebook_client(nb, workdir: str):
+    """An nbclient client that runs ``nb`` in ``workdir``, stopping at the first error."""
+    from nbclient import NotebookClient
 
-    def __init__(self, nb):
-        from nbclient import NotebookClient
+    resources = {"metadata": {"path": workdir}}
+    return NotebookClient(nb, timeout=900, kernel_name="python3", resources=resources)
 
-        self.workdir = tempfile.mkdtemp(prefix="book-page-")
-        self.client = NotebookClient(
-            nb,
-            timeout=900,
-            kernel_name="python3",
-            resources={"metadata": {"path": self.workdir}},
-        )
-        self.client.km = self.client.create_kernel_manager()
-        self.client.start_new_kernel(env={**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline"})
-        self.client.start_new_kernel_client()
 
-    def run(self, index: int) -> None:
-        """Execute cell ``index``; raises nbclient's CellExecutionError on an error."""
-        cell = self.client.nb.cells[index]
-        self.client.execute_cell(cell, index, execution_count=None)
-
-    def close(self) -> None:
-        self.client._cleanup_kernel()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+def kernel_env() -> dict[str, str]:
+    """The environment a page's kernel starts with: figures show inline, as in Jupyter."""
+    return {**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
 
 
 def execute_notebook(nb):
-    """Run every cell (skip-execution cells excepted); fail on the first error."""
-    kernel = PageKernel(nb)
+    """Run every cell (skip-execution cells excepted) in a fresh folder; fail on the first error."""
+    with tempfile.TemporaryDirectory(prefix="book-page-", ignore_cleanup_errors=True) as workdir:
+        return notebook_client(nb, workdir).execute(env=kernel_env())
+
+
+# ---------------------------------------------------------------------------
+# Small helpers of the build machinery
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path):
+    """Yield a temporary path beside ``path``; once written, it replaces ``path`` in one step,
+    so a killed run never leaves a half-written file. On an error it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        for index, cell in enumerate(nb.cells):
-            if cell.cell_type == "code":
-                kernel.run(index)
+        yield tmp
+        os.replace(tmp, path)
     finally:
-        kernel.close()
-    return nb
+        tmp.unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------------------
-# pytest: a page is a file of test items, one per block
-# ---------------------------------------------------------------------------
-
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_page_stats: dict[str, Counter] = defaultdict(Counter)
-
-try:
-    import pytest
-except ImportError:  # the site build does not need pytest
-    pytest = None
-
-if pytest is not None:
-
-    class PageFile(pytest.File):
-        """A page of docs/: collects its python blocks; runs them in one kernel."""
-
-        def collect(self):
-            self.blocks = page_blocks(self.path)
-            if not self.blocks:
-                return
-            self.notebook = page_notebook(self.path, self.blocks)
-            self.failed_line: int | None = None
-            self.kernel: PageKernel | None = None
-            self.ran_all = True
-            code_indexes = [
-                i
-                for i, cell in enumerate(self.notebook.cells)
-                if cell.cell_type == "code" and not cell.metadata.get("book_setup")
-            ]
-            for block, index in zip(self.blocks, code_indexes):
-                yield BlockItem.from_parent(
-                    self, name=f"line {block.lineno}", block=block, cell_index=index
-                )
-
-        def setup(self):
-            self.kernel = PageKernel(self.notebook)
-            for index, cell in enumerate(self.notebook.cells):
-                if cell.metadata.get("book_setup"):
-                    self.kernel.run(index)  # write the book modules the page imports
-
-        def teardown(self):
-            if self.kernel is not None:
-                self.kernel.close()
-            items = [i for i in self.session.items if i.parent is self]
-            if self.failed_line is None and self.ran_all and len(items) == len(self.blocks):
-                fresh = page_notebook(self.path, self.blocks)  # the unexecuted one: the cache key
-                save_executed(cached_notebook_path(self.path, fresh), self.notebook)
-
-    class BlockError(Exception):
-        pass
-
-    class BlockItem(pytest.Item):
-        """One python block of a page."""
-
-        def __init__(self, *, block: Block, cell_index: int, **kwargs):
-            super().__init__(**kwargs)
-            self.block = block
-            self.cell_index = cell_index
-            if block.skip_reason:
-                self.add_marker(pytest.mark.skip(reason=f"line {block.lineno}: {block.skip_reason}"))
-
-        def runtest(self):
-            page = self.parent
-            if page.failed_line is not None:
-                page.ran_all = False
-                pytest.skip(f"not run: the block at line {page.failed_line} of this page failed")
-            from nbclient.exceptions import CellExecutionError
-
-            try:
-                page.kernel.run(self.cell_index)
-            except CellExecutionError as error:
-                page.failed_line = self.block.lineno
-                raise BlockError(ANSI.sub("", str(error))) from None
-            except BaseException:
-                page.failed_line = self.block.lineno
-                raise
-
-        def repr_failure(self, excinfo):
-            where = f"{self.path.relative_to(ROOT)}:{self.block.lineno}"
-            if excinfo.errisinstance(BlockError):
-                return f"code block at {where} failed:\n{excinfo.value}"
-            return f"code block at {where}: {super().repr_failure(excinfo)}"
-
-        def reportinfo(self):
-            return self.path, self.block.lineno - 1, f"code block at line {self.block.lineno}"
-
-    def record_report(report) -> None:
-        """Count a block's outcome for the per-page summary (pytest_runtest_logreport)."""
-        path, _, rest = report.nodeid.partition("::")
-        if not (path.endswith(".md") and rest.startswith("line ")):
-            return
-        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-            _page_stats[path][report.outcome] += 1
-
-    def report_page_summary(terminalreporter) -> None:
-        if not _page_stats:
-            return
-        terminalreporter.section("code blocks of the book's pages")
-        total = Counter()
-        for path in sorted(_page_stats):
-            stats = _page_stats[path]
-            total += stats
-            terminalreporter.write_line(
-                f"{path}: {sum(stats.values())} blocks: {stats['passed']} passed, "
-                f"{stats['failed']} failed, {stats['skipped']} skipped"
-            )
-        terminalreporter.write_line(
-            f"all pages: {sum(total.values())} blocks: {total['passed']} passed, "
-            f"{total['failed']} failed, {total['skipped']} skipped"
-        )
+def load_module(name: str, path: Path):
+    """Import the file ``path`` as module ``name`` (registered in sys.modules, so modules that
+    import ``name`` get this one)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module

@@ -9,7 +9,6 @@ the command line under torchrun, whose checkpoint one process then resumes.
 Run against your own module with: pytest tests/test_ch11_distributed.py --impl my_ch11.py
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -26,6 +25,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ch08_training
+from book_pages import load_module
 import helpers
 from ch06_gpt import GPT, GPTConfig, gpt_num_parameters
 from ch08_training import AdamW, TokenBatches, get_batch, param_groups
@@ -263,14 +263,6 @@ def test_time_and_utilisation_formulas(ch):
 # ---------------------------------------------------------------------------
 
 
-def _load_module(path):
-    spec = importlib.util.spec_from_file_location("ch11_distributed", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ch11_distributed"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _record(results, name, fn):
     """Run one check; keep its result, or its error, so one failure does not hide the rest."""
     try:
@@ -283,7 +275,7 @@ def _two_rank_worker(rank, world_size, port, module_path, out_dir):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    ch = _load_module(module_path)
+    ch = load_module("ch11_distributed", module_path)
     ch.init_distributed(ch.distributed_env(), "cpu", timeout_s=60)
     data, results = tokens(), {}
 
