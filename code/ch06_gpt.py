@@ -111,7 +111,7 @@ class GPT(nn.Module):
         if c.tie_weights:
             self.tie_weights()
 
-    def forward(self, idx, targets=None, kv_caches=None, *, padding_mask=None, positions=None):
+    def forward(self, idx, targets=None, kv_caches=None, *, padding_mask=None, positions=None, attn_mask=None):
         """idx (B, T) token ids -> (logits (B, T, V), loss or None).
 
         targets (B, T): the next token at each position (-1 = ignore); loss is the mean
@@ -120,6 +120,8 @@ class GPT(nn.Module):
         padding_mask (B, past + T) bool, True for real tokens, for a batch of left-padded
         prompts (Chapter 9): real tokens never attend to padding, and a token's position is
         the number of real tokens before it in its row. positions (B, T): explicit positions.
+        attn_mask: bool, broadcastable to (B, 1, T, past + T), True where a query may attend a
+        key, applied on top of the causal mask (several documents packed in a row, Chapter 13).
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}")
@@ -129,7 +131,6 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {past + T} tokens is longer than the context "
                              f"length block_size={self.config.block_size}; crop it to the last "
                              f"{self.config.block_size} tokens")
-        attn_mask = None
         if padding_mask is not None:
             if padding_mask.dtype != torch.bool or padding_mask.shape != (B, past + T):
                 raise ValueError(f"padding_mask must be a bool (B, past + T) = {(B, past + T)} tensor, got "
@@ -137,7 +138,8 @@ class GPT(nn.Module):
             if positions is None:  # count the real tokens before each one
                 positions = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
             # (B, 1, T, past + T): real queries see real keys; a padding query sees all (never NaN)
-            attn_mask = padding_mask[:, None, None, :] | ~padding_mask[:, None, past:, None]
+            real = padding_mask[:, None, None, :] | ~padding_mask[:, None, past:, None]
+            attn_mask = real if attn_mask is None else real & attn_mask
         x = self.tok_emb(idx)  # (B, T, C); raises for ids outside [0, V)
         if self.pos_emb is not None:  # + W_pos[past : past + T], or W_pos[positions]
             x = self.pos_emb(x, positions) if positions is not None else self.pos_emb(x, offset=past)

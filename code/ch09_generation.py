@@ -260,7 +260,12 @@ def generation_flops(config, prompt_len, n_new, use_cache=True):
 # --8<-- [start:lean-step]
 def fused_qkv(attn):
     """q_proj, k_proj and v_proj of a MultiHeadAttention stacked into one ((H + 2 Hkv) D, C)
-    matrix (and bias): one matrix product per token instead of three."""
+    matrix (and bias): one matrix product per token instead of three. None when they are not
+    plain nn.Linear layers (quantized ones, Chapter 12): they then run as they are, since a
+    stacked float copy would read more bytes than the layers themselves."""
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if any(type(p) is not torch.nn.Linear for p in projections):
+        return None
     weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
     bias = None if attn.q_proj.bias is None else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
     return weight, bias
@@ -281,10 +286,14 @@ def decode_step(model, ids, positions, caches, qkv, padding_mask=None):
     if model.pos_emb is not None:
         x = x + model.pos_emb.weight[positions]  # learned positions, (B, 1, C)
     mask = None if padding_mask is None else padding_mask[:, None, None, :]  # (B, 1, 1, Tk)
-    for block, cache, (weight, bias) in zip(model.blocks, caches, qkv):  # pre-norm blocks
-        attn = block.attn
-        heads = F.linear(block.attn_norm(x), weight, bias).view(B, 1, -1, attn.head_dim).transpose(1, 2)
-        q, k, v = heads.split([attn.n_head, attn.n_kv_head, attn.n_kv_head], dim=1)  # (B, H or Hkv, 1, D)
+    for block, cache, fused in zip(model.blocks, caches, qkv):  # pre-norm blocks
+        attn, h = block.attn, block.attn_norm(x)
+        if fused is None:  # the layers as they are
+            q, k, v = (proj(h).view(B, 1, -1, attn.head_dim).transpose(1, 2)
+                       for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        else:
+            heads = F.linear(h, *fused).view(B, 1, -1, attn.head_dim).transpose(1, 2)
+            q, k, v = heads.split([attn.n_head, attn.n_kv_head, attn.n_kv_head], dim=1)  # (B, H or Hkv, 1, D)
         if attn.rope is not None:
             q, k = attn.rope(q, positions), attn.rope(k, positions)
         k, v = cache.update(k, v)  # (B, Hkv, Tk, D)

@@ -129,6 +129,18 @@ def test_rms_norm_module_and_factory(ch):
         ch.make_norm("batchnorm", 16)
 
 
+def test_fused_rms_norm_module_equals_the_formula(ch):
+    torch.manual_seed(0)
+    fused, ours = ch.RMSNorm(24, fused=True), ch.RMSNorm(24, fused=False)
+    with torch.no_grad():
+        fused.weight.uniform_(0.5, 1.5)
+        ours.weight.copy_(fused.weight)
+    x = torch.randn(3, 5, 24) * 4
+    torch.testing.assert_close(fused(x), ours(x))
+    torch.testing.assert_close(fused(x.half()), ours(x.half()))  # half precision: Llama's rule, both
+    assert not ch.make_norm("rmsnorm", 8, fused=False).fused
+
+
 # ---------------------------------------------------------------------------------------
 # GELU, the MLP and SwiGLU
 # ---------------------------------------------------------------------------------------
