@@ -283,11 +283,14 @@ def train(cfg, model=None, data=None, *, log=print, **options):
     joined_here = not dist.is_initialized()
     if joined_here:
         init_distributed(env, device)
+    runtime = DataParallel(env.rank, env.world_size, device)
     try:
-        runtime = DataParallel(env.rank, env.world_size, device)
         history = train_loop(cfg, model, data, log=log if runtime.is_main else _quiet, runtime=runtime, **options)
         dist.barrier()  # the checkpoint is written before any process moves on
     finally:
+        # DDP holds the process group: let it go first, so that the group's threads stop
+        # here, not while the interpreter shuts down
+        runtime.ddp = None
         if joined_here:
             dist.destroy_process_group()
     return history
