@@ -30,6 +30,13 @@ def tiny_gpt(seed=0, **overrides):
     return GPT(GPTConfig(**{**config, **overrides})).eval()
 
 
+def tiny_llama(seed=0, **overrides):
+    """tiny_gpt in the Llama layout of SmolLM2 (Chapters 12-14): RMSNorm, SwiGLU, rotary
+    positions, grouped-query attention with one key/value head, no biases."""
+    llama = dict(n_kv_head=1, norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
+    return tiny_gpt(seed, **{**llama, **overrides})
+
+
 def tiny_train_settings(out_dir, **overrides):
     """Settings for Chapter 8's make_config("tiny", ...): a run of a few seconds on the Python
     documentation, with dropout, so that exact resumption is tested with random state."""
