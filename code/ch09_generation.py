@@ -261,8 +261,9 @@ def generation_flops(config, prompt_len, n_new, use_cache=True):
 def fused_qkv(attn):
     """q_proj, k_proj and v_proj of a MultiHeadAttention stacked into one ((H + 2 Hkv) D, C)
     matrix (and bias): one matrix product per token instead of three. None when they are not
-    plain nn.Linear layers (quantized ones, Chapter 12): they then run as they are, since a
-    stacked float copy would read more bytes than the layers themselves."""
+    plain nn.Linear layers (quantized ones, Chapter 12, or LoRA-adapted ones, Chapter 13):
+    they then run as they are, since a stacked float copy would read more bytes than the
+    layers themselves, and would leave out an adapter."""
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
     if any(type(p) is not torch.nn.Linear for p in projections):
         return None

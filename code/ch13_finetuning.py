@@ -310,7 +310,7 @@ def accuracy(model, data, split, batch_size=32):
 # --8<-- [start:trainable]
 def count_parameters(model):
     """(trainable, total) numbers of distinct parameters (a tied matrix counts once)."""
-    params = {id(p): p for p in model.parameters()}.values()
+    params = list(model.parameters())  # parameters() yields a shared (tied) one once
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
@@ -391,7 +391,7 @@ class LogisticRegression(nn.Module):
         return x @ self.weight + self.bias
 
 
-def logistic_loss(model, batch):
+def logistic_regression_loss(model, batch):
     """Mean of -log p(y | x) = softplus(z) - y z, with z the logit: the log-sigmoid written
     without overflow (softplus(z) = log(1 + e^z))."""
     x, y = batch
@@ -421,7 +421,7 @@ def bag_of_words_baseline(splits, max_iters=600, lr=0.05, weight_decay=0.01, log
     cfg = make_config("tiny", lr=lr, max_iters=max_iters, warmup_iters=10, decay_iters=max_iters, batch_size=64,
                       weight_decay=weight_decay, eval_interval=max_iters, eval_iters=0, out_dir=None,
                       device="cpu", precision="fp32")
-    train(cfg, model, TensorBatches(tensors), loss_fn=logistic_loss, log=log)
+    train(cfg, model, TensorBatches(tensors), loss_fn=logistic_regression_loss, log=log)
     with torch.no_grad():
         scores = {f"{name}_accuracy": ((model(x) > 0).float() == y).float().mean().item()
                   for name, (x, y) in tensors.items()}
@@ -730,8 +730,7 @@ def complete(model, tokenizer, examples, max_new_tokens=16, batch_size=16):
         for start in range(0, len(examples), batch_size):
             prompts = [chat_prompt(tokenizer, e) for e in examples[start:start + batch_size]]
             idx, mask = left_pad(prompts, 0, device)
-            out = generate(model, idx, max_new_tokens, temperature=0, eos_id=end, padding_mask=mask,
-                           lean_step=False)  # lean_step reads q/k/v weights, which LoRA layers wrap
+            out = generate(model, idx, max_new_tokens, temperature=0, eos_id=end, padding_mask=mask)
             for row in out[:, idx.shape[1]:].tolist():
                 row = row[:row.index(end)] if end in row else row
                 answers.append(tokenizer.decode(row))
@@ -755,18 +754,24 @@ def knowledge_scores(model, tokenizer, n_chars=4000):
 
 
 # --8<-- [start:load-finetuned]
-def save_finetuned(model, path, **metadata):
-    """finetuned_weights(model) as a safetensors file that Chapter 12's load_weights and
-    chat --checkpoint read (tied matrices are stored once)."""
+def save_weights(weights, path, **metadata):
+    """A dict of CPU tensors as a safetensors file that Chapter 12's load_weights and
+    chat --checkpoint read, written atomically; a tied matrix is stored once (loading it
+    under either name fills the one shared parameter)."""
     from safetensors.torch import save
 
     tensors, seen = {}, set()
-    for name, tensor in finetuned_weights(model).items():
+    for name, tensor in sorted(weights.items()):
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             tensors[name] = tensor
     write_atomically(path, save(tensors, metadata={k: str(v) for k, v in metadata.items()}))
-    return path
+    return Path(path)
+
+
+def save_finetuned(model, path, **metadata):
+    """finetuned_weights(model), saved by save_weights."""
+    return save_weights(finetuned_weights(model), path, **metadata)
 
 
 def load_finetuned(path, device="cpu"):

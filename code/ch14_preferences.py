@@ -49,7 +49,8 @@ from ch10_evaluation import evaluating, pad_right, token_logprobs
 from ch12_pretrained import load_smollm2
 from ch13_finetuning import (GPTClassifier, SFTBatches, add_lora, arithmetic_examples, chat_prompt,
                              check_answer, count_parameters, finetuned_weights, hidden_states,
-                             knowledge_scores, peak_memory_mb, response_ids)
+                             knowledge_scores, peak_memory_mb, response_ids, save_weights,
+                             write_summary)
 # --8<-- [end:imports]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "docs" / "data"  # stored run histories
@@ -319,7 +320,7 @@ def sample_answers(model, task, examples, n_samples, max_new_tokens=8, temperatu
         for start in range(0, len(prompts), batch_size):
             idx, mask = left_pad(prompts[start:start + batch_size], 0, device)
             out = generate(model, idx, max_new_tokens, temperature=temperature, eos_id=task.eos_id,
-                           padding_mask=mask, generator=generator, lean_step=False)  # LoRA wraps q/k/v
+                           padding_mask=mask, generator=generator)
             for row in out[:, idx.shape[1]:].tolist():
                 answers.append(row[:row.index(task.eos_id) + 1] if task.eos_id in row else row)
     return [answers[i:i + n_samples] for i in range(0, len(answers), n_samples)]
@@ -345,7 +346,7 @@ def preference_pairs(task, examples, answers, rewards, pairs_per_prompt=1, seed=
     return triples
 
 
-def exact_match(model, task, examples, max_new_tokens=8, batch_size=64):
+def greedy_accuracy(model, task, examples, max_new_tokens=8, batch_size=64):
     """The fraction of examples whose greedy answer the verifier accepts."""
     answers = sample_answers(model, task, examples, 1, max_new_tokens, temperature=0, batch_size=batch_size)
     return sum(r[0] for r in score_answers(task, examples, answers)) / len(examples)
@@ -600,9 +601,8 @@ def save_policy(model, path, init=None, **metadata):
     """The policy's weights that differ from SmolLM2's as one safetensors file that Chapter
     12's load_weights and `chat --checkpoint` read: the merged LoRA weights and the other
     trained ones (Chapter 13's finetuned_weights), and every weight of the file the run
-    started from (init), so the file stands alone. Written atomically."""
+    started from (init), so the file stands alone; written by Chapter 13's save_weights."""
     from safetensors import safe_open
-    from safetensors.torch import save
 
     weights = finetuned_weights(model)
     if init is not None:
@@ -610,13 +610,7 @@ def save_policy(model, path, init=None, **metadata):
         with safe_open(str(init), framework="pt") as f:
             names = [n for n in f.keys() if n not in weights]
         weights |= {n: state[n].detach().cpu().contiguous() for n in names}
-    tensors, seen = {}, set()
-    for name, tensor in sorted(weights.items()):
-        if tensor.data_ptr() not in seen:  # a tied matrix once
-            seen.add(tensor.data_ptr())
-            tensors[name] = tensor
-    write_atomically(path, save(tensors, metadata={k: str(v) for k, v in metadata.items()}))
-    return Path(path)
+    return save_weights(weights, path, **metadata)
 # --8<-- [end:save]
 
 
@@ -663,7 +657,7 @@ def parse_args(argv=None):
 def held_out(model, task, test, tokenizer):
     """Held-out exact match (greedy) and what the model knew before (Chapter 13)."""
     tick = time.perf_counter()
-    scores = {"exact_match": exact_match(model, task, test)} | knowledge_scores(model, tokenizer)
+    scores = {"exact_match": greedy_accuracy(model, task, test)} | knowledge_scores(model, tokenizer)
     return scores | {"seconds": time.perf_counter() - tick}
 
 
@@ -710,8 +704,7 @@ def run_command(args):
             print(f"saved the weights to {path}; chat with them:\n"
                   f"    python code/ch12_pretrained.py chat --checkpoint {path}")
     summary["peak_mb"] = peak_memory_mb()
-    if args.summary:
-        write_atomically(args.summary, json.dumps(summary, indent=1).encode())
+    write_summary(summary, args.summary)
     return summary
 
 

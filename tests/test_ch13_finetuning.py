@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import helpers
 from ch06_gpt import GPT, GPTConfig
 from ch08_training import make_config, next_token_loss, train
+from ch09_generation import generate
 from ch10_evaluation import token_logprobs
 from ch12_pretrained import CHATML_TEMPLATE, load_weights, render_chat
 
@@ -269,7 +270,7 @@ def test_logistic_loss_is_binary_cross_entropy(ch):
     torch.nn.init.normal_(model.weight, std=10.0)  # large logits: the formula must not overflow
     x, y = torch.randn(64, 5), torch.randint(0, 2, (64,)).float()
     expected = F.binary_cross_entropy_with_logits(model(x), y)
-    torch.testing.assert_close(ch.logistic_loss(model, (x, y)), expected)
+    torch.testing.assert_close(ch.logistic_regression_loss(model, (x, y)), expected)
 
 
 def test_logistic_regression_trained_by_chapter_8_reaches_the_optimum_of_lbfgs(ch):
@@ -281,7 +282,7 @@ def test_logistic_regression_trained_by_chapter_8_reaches_the_optimum_of_lbfgs(c
     cfg = make_config("tiny", max_iters=1000, batch_size=400, lr=0.1, min_lr=0.001, warmup_iters=10,
                       decay_iters=1000, weight_decay=0.0, eval_interval=600, eval_iters=0, out_dir=None,
                       device="cpu", precision="fp32")
-    train(cfg, model, data, loss_fn=ch.logistic_loss, log=lambda s: None)
+    train(cfg, model, data, loss_fn=ch.logistic_regression_loss, log=lambda s: None)
     reference = torch.nn.Linear(6, 1)  # the same objective, minimised by L-BFGS
     optimizer = torch.optim.LBFGS(reference.parameters(), max_iter=500, tolerance_grad=1e-10,
                                   line_search_fn="strong_wolfe")
@@ -295,7 +296,7 @@ def test_logistic_regression_trained_by_chapter_8_reaches_the_optimum_of_lbfgs(c
     optimizer.step(closure)
     with torch.no_grad():
         best = F.binary_cross_entropy_with_logits(reference(x).squeeze(-1), y).item()
-        assert abs(ch.logistic_loss(model, (x, y)).item() - best) < 1e-4
+        assert abs(ch.logistic_regression_loss(model, (x, y)).item() - best) < 1e-4
         torch.testing.assert_close(model.weight, reference.weight[0], atol=0.03, rtol=0)
 
 
@@ -417,6 +418,20 @@ def test_add_lora_freezes_the_rest_and_counts_r_times_in_plus_out(ch):
         ch.add_lora(helpers.tiny_llama(), ("qkv",))
     with pytest.raises(ValueError, match="rank"):
         ch.LoRALinear(torch.nn.Linear(3, 3), r=0)
+
+
+def test_chapter_9s_lean_decode_step_runs_the_adapters(ch):
+    # q, k and v wrapped by LoRA cannot be stacked into one matrix: the lean step must run them
+    # as modules, and generate exactly what GPT.forward does
+    model = ch.add_lora(helpers.tiny_llama(), r=2)
+    with torch.no_grad():
+        for layer in ch.lora_layers(model):
+            layer.lora_B.normal_()  # an update large enough to change the greedy tokens
+    x = random_rows([5, 5], seed=3)
+    idx = torch.stack(x)
+    lean = generate(model, idx, 8, temperature=0)
+    assert torch.equal(lean, generate(model, idx, 8, temperature=0, lean_step=False))
+    assert not torch.equal(lean, generate(helpers.tiny_llama(), idx, 8, temperature=0))
 
 
 def test_finetuned_weights_load_into_a_plain_model_with_chapter_12s_loader(ch, tmp_path):

@@ -295,19 +295,25 @@ def test_implicit_rewards_after_dpo_rank_the_pairs(ch):
 
 class Oracle(torch.nn.Module):
     """A 'model' whose next token is always chosen ahead: a fixed distribution over the
-    char task's tokens, to test sampling and scoring without training anything."""
+    char task's tokens, to test sampling and scoring without training anything. It is made
+    of a GPT's parts with no blocks (the logits are the head's bias), so that Chapter 9's
+    generate runs it through forward and through its lean decode step alike."""
 
     def __init__(self, probs, block_size=32):
         super().__init__()
         from ch06_gpt import GPTConfig
 
-        self.logits = torch.nn.Parameter(probs.log())
         self.config = GPTConfig(vocab_size=len(probs), block_size=block_size, n_layer=1, n_head=1, d_model=8)
-        self.lm_head = torch.nn.Linear(1, 1)  # generate reads the device from it
-        self.blocks = []
+        self.tok_emb, self.pos_emb = torch.nn.Embedding(len(probs), 1), None
+        self.blocks, self.norm_f = torch.nn.ModuleList(), torch.nn.Identity()
+        self.lm_head = torch.nn.Linear(1, len(probs))
+        with torch.no_grad():
+            self.tok_emb.weight.zero_()
+            self.lm_head.weight.zero_()
+            self.lm_head.bias.copy_(probs.log())
 
     def forward(self, idx, targets=None, kv_caches=None, padding_mask=None, positions=None):
-        return self.logits.expand(*idx.shape, -1), None
+        return self.lm_head(self.norm_f(self.tok_emb(idx))), None
 
 
 def test_the_char_task_writes_problems_and_scores_answers(ch):
