@@ -24,7 +24,9 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
+import traceback
 import tomllib
 import types
 import urllib.request
@@ -893,6 +895,27 @@ def main(argv=None):
     history = train(parse_args(argv))
     if history["val"]:
         print(f"final validation loss {history['val'][-1][1]:.4f}")
+
+
+def run_command(main, argv=None):
+    """Run a command-line ``main(argv)`` as a reader meets it: an error becomes one line on
+    stderr and exit status 1, not a traceback; ``--debug`` anywhere shows the traceback.
+    Every chapter's command line ends with ``sys.exit(run_command(main))``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return main(argv) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # one clear line; the traceback is one flag away
+        if debug:
+            traceback.print_exc()
+        else:
+            message = str(error) or type(error).__name__
+            print(f"error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 # --8<-- [end:cli]
 
 
@@ -937,4 +960,4 @@ def plot_float_formats():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))
