@@ -24,6 +24,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import socket
 import sys
 import time
 import traceback
@@ -158,12 +160,13 @@ def clip_grad_norm(parameters, max_norm):
     """Scale all gradients together so their global L2 norm is at most max_norm.
 
     Returns the norm before clipping. Scaling every gradient by the same factor keeps the
-    update's direction and only shortens it."""
+    update's direction and only shortens it. A norm that is not finite changes nothing."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:  # nothing to clip, as torch.nn.utils.clip_grad_norm_
         return torch.tensor(0.0)
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    scale = torch.where(torch.isfinite(total), scale, 1.0)  # NaN or inf: leave them for the trainer to report
     for g in grads:
         g.mul_(scale)
     return total
@@ -300,23 +303,53 @@ def fetch(url, sha256, path):
     return path
 
 
-def load_corpus(name="python-docs"):
-    """The text to train on: "python-docs" (ships with Python, no download),
-    "shakespeare" (Tiny Shakespeare, downloaded once and cached), or a file path."""
+CORPORA = ("python-docs", "shakespeare")  # built-in names; anything else is a file path
+PYTHON_DOCS = "Python documentation (built in)"
+
+
+def read_corpus(name="python-docs"):
+    """(text, source) of the text to train on: "python-docs" (ships with Python, no
+    download), "shakespeare" (Tiny Shakespeare, downloaded once and cached), or a file path.
+    source says what was actually read: the cached file, the path, or PYTHON_DOCS."""
     if name == "python-docs":
-        return python_docs_text()
+        return python_docs_text(), PYTHON_DOCS
     if name == "shakespeare":
+        cached = CACHE_DIR / "tinyshakespeare.txt"
         try:
-            path = fetch(TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256, CACHE_DIR / "tinyshakespeare.txt")
+            path = fetch(TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256, cached)
         except (OSError, ValueError) as error:  # offline, or a corrupted download
-            warnings.warn(f"could not get Tiny Shakespeare ({error}); training on the Python "
-                          "documentation that ships with Python instead")
-            return python_docs_text()
-        return path.read_text(encoding="utf-8")
+            warnings.warn(f"could not get Tiny Shakespeare ({error}), so this run trains on the "
+                          f"{PYTHON_DOCS} instead. To train on Shakespeare offline, save {TINY_SHAKESPEARE_URL} "
+                          f"as {cached} (the folder is $LLM_FROM_SCRATCH_CACHE) or pass --data PATH to a copy")
+            return python_docs_text(), f"{PYTHON_DOCS}, in place of Tiny Shakespeare (offline)"
+        return read_text_file(path), str(path)
     path = Path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"no corpus named {name!r}: use python-docs, shakespeare or a text file")
-    return path.read_text(encoding="utf-8")
+        raise FileNotFoundError(f"no corpus named {name!r}: use {' or '.join(CORPORA)}, or the path of a text file")
+    return read_text_file(path), str(path.resolve())
+
+
+def read_text_file(path):
+    """The text of a UTF-8 file; a binary or otherwise encoded file is an error naming it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start} cannot be decoded): "
+                         "train on a text file, converted to UTF-8") from None
+    if "\0" in text:
+        raise ValueError(f"{path} holds NUL bytes: it looks like a binary file, not text")
+    return text
+
+
+def load_corpus(name="python-docs"):
+    """The text of read_corpus(name)."""
+    return read_corpus(name)[0]
+
+
+def corpus_record(name, text, source):
+    """What a run was trained on, as data.json in its folder records it (run_data_info)."""
+    return {"corpus": name, "source": source, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "chars": len(text)}
 # --8<-- [end:corpus]
 
 
@@ -483,6 +516,54 @@ def checkpoint_metadata(path):
 # --8<-- [end:checkpoint]
 
 
+# --8<-- [start:run-folder]
+@contextlib.contextmanager
+def lock_run_folder(out_dir):
+    """Context: out_dir belongs to this process until the block ends. A second trainer on
+    the same folder gets an error naming the first; the operating system releases the lock
+    when the process ends, however it ends, so a killed run never leaves a stale lock.
+    (Without fcntl, on Windows, the folder is used unlocked, with a warning.)"""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        warnings.warn(f"cannot lock {out} on this platform: make sure no other trainer uses it")
+        yield
+        return
+    with open(out / "train.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not said who it is yet"
+            raise RuntimeError(f"{out} is in use by another trainer ({holder}): wait for it to end, "
+                               "or train in another --out-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        yield
+
+
+# The temporary name Chapter 2's atomic_path gives path: .{stem}.{8 hex digits}.tmp{suffix}
+ATOMIC_TMP_NAME = re.compile(r"\.(?P<stem>.+)\.[0-9a-f]{8}\.tmp(?P<suffix>(\.[^.]+)?)")
+
+
+def remove_leftovers(folder):
+    """Delete the temporary files of atomic_path that a run killed mid-write left in folder
+    (only those); returns their names. Call it only while holding the folder's lock: another
+    trainer's files in progress look the same."""
+    removed = []
+    for path in sorted(Path(folder).iterdir()):
+        match = ATOMIC_TMP_NAME.fullmatch(path.name)
+        if match and path.is_file() and Path(match["stem"] + match["suffix"]).suffix == match["suffix"]:
+            path.unlink()
+            removed.append(path.name)
+    return removed
+# --8<-- [end:run-folder]
+
+
 # ---------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------
@@ -593,29 +674,63 @@ def draw_sample(model, start_ids, n_tokens, block_size, generator, temperature=1
 
 
 # --8<-- [start:prepare]
-def prepare_data(cfg, write=True):
+def prepare_data(cfg, write=True, corpus=None):
     """train()'s default data: the characters of cfg.data as tokens (a CharTokenizer), the
     first 1 - val_fraction for training. Returns (tokenizer, TokenBatches). With an out_dir
-    they are written as token files and memory-mapped; write=False only opens the files
-    that another process wrote (Chapter 11)."""
+    they are written as token files and memory-mapped, with data.json recording the text
+    (run_data_info); write=False only opens the files that another process wrote (Chapter
+    11). corpus: (text, source) from read_corpus(cfg.data), if it was read already."""
     block_size = cfg.model.block_size
-    if cfg.out_dir is None:
-        text = load_corpus(cfg.data)
+    out = None if cfg.out_dir is None else Path(cfg.out_dir)
+    if out is None or write:
+        text, source = corpus or read_corpus(cfg.data)
         tokenizer = CharTokenizer.from_text(text)
-        train_ids, val_ids = split_train_val(np.array(tokenizer.encode(text), dtype=np.uint16), cfg.val_fraction)
-        return tokenizer, TokenBatches(train_ids, val_ids, block_size)
-    out = Path(cfg.out_dir)
-    if write:
-        out.mkdir(parents=True, exist_ok=True)
-        text = load_corpus(cfg.data)
-        tokenizer = CharTokenizer.from_text(text)
-        ids = tokenizer.encode(text)
-        train_ids, val_ids = split_train_val(ids, cfg.val_fraction)
-        write_token_file(train_ids, out / "train.npy", tokenizer.vocab_size)
-        write_token_file(val_ids, out / "val.npy", tokenizer.vocab_size)
-        write_atomically(out / "tokenizer.json", json.dumps({"chars": tokenizer.chars}).encode())
+        train_ids, val_ids = split_train_val(np.array(tokenizer.encode(text), dtype=np.int64), cfg.val_fraction)
+        for split, ids in [("training", train_ids), ("validation", val_ids)]:  # refused before any work
+            if len(ids) <= block_size:
+                raise ValueError(f"{source}: its {split} part has {len(ids)} characters, too few for windows of "
+                                 f"{block_size + 1}; use a longer text or a smaller --block-size")
+        if out is None:
+            return tokenizer, TokenBatches(train_ids.astype(np.uint16), val_ids.astype(np.uint16), block_size)
+        record = corpus_record(cfg.data, text, source)
+        if run_data_info(out) != record:  # a new folder, or one whose run has not started
+            refuse_other_data(out, record)
+            out.mkdir(parents=True, exist_ok=True)
+            write_token_file(train_ids, out / "train.npy", tokenizer.vocab_size)
+            write_token_file(val_ids, out / "val.npy", tokenizer.vocab_size)
+            write_atomically(out / "tokenizer.json", json.dumps({"chars": tokenizer.chars}).encode())
+            write_atomically(out / "data.json", json.dumps(record, indent=1).encode())  # last: files complete
     batches = TokenBatches(load_token_file(out / "train.npy"), load_token_file(out / "val.npy"), block_size)
     return load_run_tokenizer(out), batches
+
+
+def run_data_info(out_dir):
+    """What the run in out_dir was trained on, as prepare_data recorded it: a dict with
+    "corpus" (the name given), "source" (what was read), "sha256" and "chars" of the text;
+    None for a folder without a record."""
+    path = Path(out_dir) / "data.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError:
+        raise ValueError(f"{path} is not the JSON record of a run's data") from None
+
+
+def refuse_other_data(out, record):
+    """A run folder with a checkpoint keeps the data it was trained on: resuming on another
+    text would silently remap its token ids."""
+    if not (out / "checkpoint.safetensors").exists():
+        return
+    recorded = run_data_info(out)
+    if recorded is None:  # a run from before data.json: its token files still say what it read
+        tokenizer = load_run_tokenizer(out)
+        ids = np.concatenate([load_token_file(out / "train.npy"), load_token_file(out / "val.npy")])
+        recorded = corpus_record("its token files", tokenizer.decode(ids.tolist()), f"{out}/train.npy, val.npy")
+    if recorded["sha256"] != record["sha256"]:
+        raise ValueError(f"{out} holds a run trained on {recorded['corpus']} ({recorded['source']}, "
+                         f"{recorded['chars']:,} characters), and --data {record['corpus']} is another text "
+                         f"({record['source']}, {record['chars']:,} characters): train on it in a new --out-dir")
 
 
 def load_run_tokenizer(out_dir):
@@ -704,15 +819,29 @@ def train(cfg, model=None, data=None, *, loss_fn=None, evaluate=None, stop_after
     stop_after ends the run after that many iterations, as if it were killed right after a
     checkpoint; the next call resumes it. runtime (default SingleProcess()) says how the work
     is shared between processes.
+
+    The main process holds the out_dir's lock for the whole run (lock_run_folder). A loss or
+    gradient that is not a finite number stops the run with a FloatingPointError, before the
+    update, so the last checkpoint stays the last good one.
     """
     runtime = runtime or SingleProcess()
-    loss_fn = loss_fn or next_token_loss
+    corpus = read_corpus(cfg.data) if data is None and runtime.is_main else None  # a bad --data makes no folder
+    owns_folder = cfg.out_dir is not None and runtime.is_main
+    with lock_run_folder(cfg.out_dir) if owns_folder else contextlib.nullcontext():
+        if owns_folder:
+            removed = remove_leftovers(cfg.out_dir)
+            if removed:
+                log(f"removed {len(removed)} unfinished file(s) of a killed run: {', '.join(removed)}")
+        return _train(cfg, model, data, corpus, loss_fn or next_token_loss, evaluate, stop_after, log, runtime)
+
+
+def _train(cfg, model, data, corpus, loss_fn, evaluate, stop_after, log, runtime):
     device = resolve_device(cfg.device)
     amp_dtype, scale_loss = resolve_precision(cfg.precision, device)
     tokenizer = None
     if data is None:
         with runtime.main_first():  # one process writes the token files, then the others open them
-            tokenizer, data = prepare_data(cfg, write=runtime.is_main)
+            tokenizer, data = prepare_data(cfg, write=runtime.is_main, corpus=corpus)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
 
     torch.manual_seed(cfg.seed)
@@ -730,30 +859,38 @@ def train(cfg, model=None, data=None, *, loss_fn=None, evaluate=None, stop_after
         info = load_checkpoint(checkpoint, model, optimizer, batches, restore_rng=True)
         start, history = info["step"], info["history"]
         log(f"resumed from {checkpoint} at iteration {start}")
+    saved = start  # the iteration of the last good checkpoint
     step_fn = runtime.wrap(model)
     step_fn = torch.compile(step_fn) if cfg.compile else step_fn
 
     bar = _progress(cfg, start)
+    log = bar.write if log is print else log  # printed lines go above the progress bar
     tick = time.perf_counter()
     for it in range(start, cfg.max_iters):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters)
-        loss_sum, n_tokens = 0.0, 0  # tokens: of the global batch, when batches are token ids
+        losses, n_tokens = [], 0  # tokens: of the global batch, when batches are token ids
         for micro in range(cfg.grad_accum):
             batch = runtime.get_batch(data, "train", cfg.batch_size, batches, device)
             with runtime.gradient_sync(sync=micro == cfg.grad_accum - 1):
                 with autocast(device, amp_dtype):
                     loss = loss_fn(step_fn, batch)
                 scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
+            losses.append(loss.detach().float())
             if not batch[0].is_floating_point():
                 n_tokens += cfg.batch_size * batch[0][0].numel()
         scaler.unscale_(optimizer)
-        clip_grad_norm(model.parameters(), cfg.grad_clip)
+        grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip)
+        *losses, grad_norm = torch.stack([*losses, grad_norm.to(losses[0])]).tolist()  # one sync a step
+        loss_sum = runtime.mean(sum(loss / cfg.grad_accum for loss in losses))  # the whole batch's loss
+        problem = not_finite(loss_sum, 0.0 if scale_loss else grad_norm, model)  # fp16: the scaler skips infs
+        if problem:
+            raise FloatingPointError(f"iteration {it + 1}: {problem}. Stopped before updating the weights; "
+                                     + (f"{checkpoint} of iteration {saved} is kept. " if saved else "")
+                                     + NOT_FINITE_ADVICE)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        loss_sum = runtime.mean(loss_sum)  # the loss of the whole batch, over all processes
         history["train"].append(loss_sum)
 
         now = time.perf_counter()
@@ -765,6 +902,8 @@ def train(cfg, model=None, data=None, *, loss_fn=None, evaluate=None, stop_after
             report = f"iter {done}: train {loss_sum:.4f}"
             if cfg.eval_iters:
                 val = estimate_loss(model, data, cfg, device, amp_dtype, loss_fn, runtime)
+                if not math.isfinite(val):
+                    raise FloatingPointError(f"iteration {done}: the validation loss is {val}. " + NOT_FINITE_ADVICE)
                 history["val"].append([done, val])
                 report += f", val {val:.4f}"
             if evaluate:
@@ -780,10 +919,27 @@ def train(cfg, model=None, data=None, *, loss_fn=None, evaluate=None, stop_after
                     save_checkpoint(checkpoint, model, optimizer, done, batches,
                                     {"config": dataclasses.asdict(cfg), "history": history}, cfg.save_frozen)
                     save_loss_plot(history, checkpoint.parent / "loss.svg")
+                    saved = done
         if done == stop_after:
             break
     bar.close()
     return history
+
+
+NOT_FINITE_ADVICE = ("Lower --lr (or --grad-clip), train in full precision (--precision fp32), or check the "
+                     "data; Chapter 8's section 'When the loss becomes NaN' shows how to find the cause")
+
+
+def not_finite(loss, grad_norm, model):
+    """What is not a finite number in this step, naming the first parameter whose gradient
+    is not finite; None when all is well. Only the failing step looks at every gradient."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return None
+    problem = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return f"{problem}, and the first gradient that is not finite is {name}'s"
+    return problem
 
 
 def _progress(cfg, start):
@@ -799,6 +955,8 @@ def _progress(cfg, start):
 
 
 class _NoProgress:
+    write = staticmethod(print)
+
     def set_postfix(self, **kwargs):
         pass
 

@@ -567,3 +567,25 @@ def test_a_checkpoint_without_frozen_weights_resumes_exactly(ch, tmp_path):
     assert run(tmp_path / "resumed")["train"] == whole["train"]
     with pytest.raises(ValueError, match="does not have"):
         ch.load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors", tiny_gpt(n_layer=1))
+
+
+# ---------------------------------------------------------------------------
+# The run folder: the record of its data, its lock, leftovers of a killed run
+# ---------------------------------------------------------------------------
+
+
+def test_a_run_records_the_text_it_was_trained_on(ch, tmp_path):
+    from ch02_tokenizer import python_docs_text
+
+    assert ch.run_data_info(tmp_path) is None  # a folder without a record
+    ch.train(tiny_config(ch, tmp_path / "docs", max_iters=2, eval_interval=2), log=lambda s: None)
+    text = python_docs_text()
+    assert ch.run_data_info(tmp_path / "docs") == {
+        "corpus": "python-docs", "source": "Python documentation (built in)",
+        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "chars": len(text)}
+    corpus = tmp_path / "mine.txt"
+    corpus.write_text("héllo, wörld\n" * 200, encoding="utf-8")
+    ch.train(tiny_config(ch, tmp_path / "mine", data=str(corpus), max_iters=2, eval_interval=2), log=lambda s: None)
+    info = ch.run_data_info(tmp_path / "mine")
+    assert (info["corpus"], info["source"], info["chars"]) == (str(corpus), str(corpus.resolve()), 13 * 200)
+    assert info["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
