@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import io
 import os
+import posixpath
 import re
 import sys
 import tempfile
@@ -138,8 +139,26 @@ def _notebook_markdown(page: Path) -> str:
             line = line.replace("```python", '```python tags=["skip-execution"]')
             skip_next_fence = False
         out.append(line)
-    # Figures: the rendered notebook lives at notebooks/<page>/, one folder deeper.
-    return expand_snippets("\n".join(out)).replace("](../figures/", "](../../figures/")
+    return notebook_links(expand_snippets("\n".join(out)), page)
+
+
+RELATIVE_LINK = re.compile(r"\]\((?![a-z]+:|#|/)(?P<path>[^)#\s]+)(?P<fragment>#[^)\s]*)?\)")
+
+
+def notebook_links(text: str, page: Path) -> str:
+    """The page's relative links, as seen from the site's notebook page, notebooks/<page>/:
+    a link to a page (``ch02_tokenizer.md#x``) becomes that page's address
+    (``../../chapters/ch02_tokenizer/#x``), any other file keeps its name (figures, data)."""
+    here = page.parent.relative_to(DOCS_DIR).as_posix() if DOCS_DIR in page.parents else "."
+
+    def relink(match):
+        target = posixpath.normpath(posixpath.join(here, match["path"]))
+        if target.endswith(".md"):  # a page: its directory URL
+            target = target[: -len(".md")]
+            target = target[: -len("index")] if target.endswith("index") else target + "/"
+        return f"](../../{target}{match['fragment'] or ''})"
+
+    return RELATIVE_LINK.sub(relink, text)
 
 
 def book_modules_needed(code: str) -> list[str]:
@@ -149,8 +168,7 @@ def book_modules_needed(code: str) -> list[str]:
     def visit(name: str) -> None:
         if name in ordered:
             return
-        source = (CODE_DIR / f"{name}.py").read_text(encoding="utf-8")
-        for dep in BOOK_MODULE_IMPORT.findall(source):
+        for dep in BOOK_MODULE_IMPORT.findall(book_module_source(name)):
             if dep != name:
                 visit(dep)
         ordered.append(name)
@@ -160,6 +178,10 @@ def book_modules_needed(code: str) -> list[str]:
             raise ValueError(f"the page imports {name}, but code/{name}.py does not exist")
         visit(name)
     return ordered
+
+
+def book_module_source(name: str) -> str:
+    return (CODE_DIR / f"{name}.py").read_text(encoding="utf-8")
 
 
 def page_notebook(page: Path, blocks: list[Block] | None = None):
@@ -187,7 +209,7 @@ def page_notebook(page: Path, blocks: list[Block] | None = None):
     modules = book_modules_needed("\n".join(b.code for b in blocks))
     setup = [
         nbformat.v4.new_code_cell(
-            f"%%writefile {name}.py\n" + (CODE_DIR / f"{name}.py").read_text(encoding="utf-8"),
+            f"%%writefile {name}.py\n" + without_section_markers(book_module_source(name)),
             metadata={"book_setup": True, "jupyter": {"source_hidden": True}},
         )
         for name in modules
@@ -205,6 +227,15 @@ def page_notebook(page: Path, blocks: list[Block] | None = None):
     for number, cell in enumerate(nb.cells):
         cell["id"] = f"cell-{number}"  # deterministic ids: the cache key is the content
     return nb
+
+
+SECTION_MARKER = re.compile(r"^[ \t]*# --8<-- \[(?:start|end):[\w-]+\][ \t]*\n?", re.MULTILINE)
+
+
+def without_section_markers(source: str) -> str:
+    """A module as a reader copies it: the ``# --8<-- [start:x]`` lines that cut it into the
+    page's snippets removed (code/ keeps them)."""
+    return SECTION_MARKER.sub("", source)
 
 
 def notebook_key(nb) -> str:
@@ -240,10 +271,17 @@ def kernel_env() -> dict[str, str]:
     return {**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
 
 
-def execute_notebook(nb):
-    """Run every cell (skip-execution cells excepted) in a fresh folder; fail on the first error."""
+def execute_notebook(nb, progress=None):
+    """Run every cell (skip-execution cells excepted) in a fresh folder; fail on the first error.
+
+    ``progress(done, total)``, if given, is called after each code cell."""
+    total = sum(cell.cell_type == "code" for cell in nb.cells)
     with tempfile.TemporaryDirectory(prefix="book-page-", ignore_cleanup_errors=True) as workdir:
-        return notebook_client(nb, workdir).execute(env=kernel_env())
+        client = notebook_client(nb, workdir)
+        if progress is not None:
+            done = iter(range(1, total + 1))
+            client.on_cell_executed = lambda **_: progress(next(done, total), total)
+        return client.execute(env=kernel_env())
 
 
 # ---------------------------------------------------------------------------
