@@ -14,7 +14,7 @@ Shapes: B batch, T sequence length, C model width (d_model), V vocabulary size.
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,27 +26,37 @@ from ch05_block import Block, block_num_parameters, default_d_ff, init_gpt2_, ma
 
 
 # --8<-- [start:config]
+def setting(default, help):
+    """A dataclass field with its help text, which Chapter 8's command line shows."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class GPTConfig:
     """Everything that defines a GPT. The defaults are GPT-2 small (124M parameters)."""
 
-    vocab_size: int = 50257
-    block_size: int = 1024  # context length: the most tokens the model reads at once
-    n_layer: int = 12
-    n_head: int = 12
-    n_kv_head: int | None = None  # None: as many as n_head; fewer: grouped-query attention
-    d_model: int = 768
-    d_ff: int | None = None  # None: default_d_ff(d_model, mlp), 4 * d_model for GELU
-    dropout: float = 0.0
-    bias: bool = True  # biases in every Linear and LayerNorm
-    norm: str = "layernorm"  # or "rmsnorm"
-    norm_eps: float | None = None  # None: the norm's default, 1e-5 for LayerNorm, 1e-6 for RMSNorm
-    mlp: str = "gelu_tanh"  # "gelu" (exact), "gelu_tanh" (GPT-2's), "relu" or "swiglu"
-    positions: str = "learned"  # learned absolute positions (GPT-2) or "rope" (Llama)
-    rope_base: float = 10000.0
-    rope_interleaved: bool = False  # rotate adjacent pairs (GPT-J, llama.cpp) instead of halves (Llama)
-    tie_weights: bool = True  # the output head shares the token embedding matrix
-    use_fused: bool = True  # torch's fused attention and LayerNorm; False: Chapters 4 and 5's own code
+    vocab_size: int = setting(50257, "token ids the model knows (a trainer sets it from its data)")
+    block_size: int = setting(1024, "context length: the most tokens the model reads at once")
+    n_layer: int = setting(12, "Transformer blocks")
+    n_head: int = setting(12, "attention heads per block")
+    n_kv_head: int | None = setting(None, "key/value heads; fewer than n_head: grouped-query "
+                                          "attention (None: n_head)")
+    d_model: int = setting(768, "width of the residual stream")
+    d_ff: int | None = setting(None, "hidden width of the MLP (None: default_d_ff, 4 * d_model "
+                                     "for GELU)")
+    dropout: float = setting(0.0, "dropout probability while training")
+    bias: bool = setting(True, "biases in every Linear and LayerNorm")
+    norm: str = setting("layernorm", "layernorm or rmsnorm")
+    norm_eps: float | None = setting(None, "the norm's epsilon (None: its default, 1e-5 for "
+                                           "LayerNorm, 1e-6 for RMSNorm)")
+    mlp: str = setting("gelu_tanh", "gelu (exact), gelu_tanh (GPT-2's), relu or swiglu")
+    positions: str = setting("learned", "learned absolute positions (GPT-2) or rope (Llama)")
+    rope_base: float = setting(10000.0, "base of the rotary frequencies")
+    rope_interleaved: bool = setting(False, "rotate adjacent pairs (GPT-J, llama.cpp) instead of "
+                                            "halves (Llama)")
+    tie_weights: bool = setting(True, "the output head shares the token embedding matrix")
+    use_fused: bool = setting(True, "torch's fused attention and LayerNorm; off: the own code "
+                                    "of Chapters 4 and 5")
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):

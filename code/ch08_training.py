@@ -5,7 +5,7 @@ warmup + cosine learning-rate schedule, gradient clipping and accumulation, mixe
 precision chosen per device, token data and batches, atomic checkpoints that resume
 exactly, and a command-line trainer for the GPT of chapter 6:
 
-    python code/ch08_training.py --data shakespeare --out-dir runs/shakespeare
+    .venv/bin/python code/ch08_training.py --data shakespeare --out-dir runs/shakespeare
 
 The loop, ``train``, is the book's only one: it trains any model on any source of batches
 with any loss, so later chapters fine-tune pretrained models with it (Chapters 13 and 14)
@@ -14,6 +14,8 @@ and run it in many processes (Chapter 11).
 Depends on torch, numpy (token files), the standard library and chapters 2 and 6.
 safetensors (checkpoints), tqdm (progress bar) and matplotlib (plots) are imported where
 they are used.
+
+Needs: ch02_tokenizer, ch03_embeddings, ch04_attention, ch05_block, ch06_gpt.
 """
 
 # --8<-- [start:imports]
@@ -21,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 
 from ch02_tokenizer import (atomic_path, load_token_file, python_docs_text, split_train_val,
                             write_atomically, write_token_file)
-from ch06_gpt import GPT, GPTConfig
+from ch06_gpt import GPT, GPTConfig, gpt_num_parameters, setting
 # --8<-- [end:imports]
 
 
@@ -480,10 +483,11 @@ def load_checkpoint(path, model, optimizer=None, generator=None, restore_rng=Fal
         info = json.loads(_safetensors_metadata(data)["book"])
     except (SafetensorError, KeyError, ValueError, OSError) as error:
         raise ValueError(f"{path} is not a checkpoint of this book (safetensors): {error}") from None
+    if not (isinstance(info, dict) and isinstance(info.get("step"), int) and isinstance(info.get("param_groups"), list)):
+        raise ValueError(f"{path}: its metadata is not what save_checkpoint writes (a step and param_groups)")
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    _, unexpected = model.load_state_dict(weights, strict=info.get("frozen", True))
-    if unexpected:  # strict=False (frozen weights left out) still refuses weights the model lacks
-        raise ValueError(f"{path} holds weights this model does not have: {unexpected[:5]}")
+    check_weights(path, weights, model.state_dict(), every=info.get("frozen", True))
+    model.load_state_dict(weights, strict=False)  # check_weights has compared names and shapes
     if optimizer is not None:
         state = {}
         for key, value in tensors.items():
@@ -496,6 +500,23 @@ def load_checkpoint(path, model, optimizer=None, generator=None, restore_rng=Fal
     if generator is not None:
         generator.set_state(tensors["rng.batches"])
     return info
+
+
+def check_weights(path, weights, expected, every=True):
+    """One clear error when the tensors of a checkpoint do not fit a model's state dict
+    ``expected``: missing (if ``every`` one is needed), unknown or of another shape, or
+    holding NaN or inf (saved by a run that diverged)."""
+    missing = [k for k in expected if k not in weights] if every else []
+    unknown = [k for k in weights if k not in expected]
+    reshaped = [f"{k} {tuple(weights[k].shape)}, not {tuple(v.shape)}"
+                for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    problems = [f"{kind} {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                for kind, names in [("missing", missing), ("unknown", unknown), ("of another shape", reshaped)] if names]
+    if problems:
+        raise ValueError(f"{path} does not fit this model; tensors {'; '.join(problems)}")
+    for name, value in weights.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{path}: {name} holds NaN or inf; the run that saved it had diverged")
 
 
 def _safetensors_metadata(data):
@@ -577,40 +598,97 @@ def nanogpt_model():
 
 @dataclasses.dataclass
 class TrainConfig:
+    """Every setting of a run. Each field's help text is its command-line flag's."""
+
     # data
-    data: str = "python-docs"  # python-docs | shakespeare | path to a text file
-    val_fraction: float = 0.1
+    data: str = setting("python-docs", "the text: python-docs (built in), shakespeare (Tiny "
+                                       "Shakespeare, downloaded once) or the path of a UTF-8 file")
+    val_fraction: float = setting(0.1, "the share of the text, at its end, kept for validation")
     # the model: every setting of Chapter 6's GPTConfig; train() sets vocab_size from the data
     model: GPTConfig = dataclasses.field(default_factory=nanogpt_model)
     # optimisation
-    batch_size: int = 12
-    grad_accum: int = 1
-    max_iters: int = 2000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    decay_iters: int = 2000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    fused_adamw: bool = False  # PyTorch's one-kernel AdamW instead of the book's (same update)
+    batch_size: int = setting(12, "sequences per micro-batch")
+    grad_accum: int = setting(1, "micro-batches whose gradients add up to one step")
+    max_iters: int = setting(2000, "optimizer steps of the whole run")
+    lr: float = setting(1e-3, "peak learning rate, reached at the end of the warmup")
+    min_lr: float = setting(1e-4, "the learning rate the cosine decays to")
+    warmup_iters: int = setting(100, "steps of linear warmup")
+    decay_iters: int = setting(2000, "the step where the cosine reaches min_lr")
+    weight_decay: float = setting(0.1, "AdamW's decoupled weight decay of the matrices")
+    beta1: float = setting(0.9, "AdamW's decay rate of the running mean of gradients")
+    beta2: float = setting(0.99, "AdamW's decay rate of the running mean of squared gradients")
+    grad_clip: float = setting(1.0, "the largest global norm of the gradients; larger ones are scaled")
+    fused_adamw: bool = setting(False, "PyTorch's one-kernel AdamW instead of the book's (same update)")
     # evaluation, samples, checkpoints
-    eval_interval: int = 250
-    eval_iters: int = 200  # batches per validation loss; 0: no validation loss
-    sample_tokens: int = 200
-    out_dir: str | None = "runs/default"  # None: keep nothing on disk (no checkpoint, no resume)
-    save_frozen: bool = True  # False: checkpoints leave out frozen weights (fine-tuning a big model)
+    eval_interval: int = setting(250, "steps between evaluations, samples and checkpoints")
+    eval_iters: int = setting(200, "batches per validation loss; 0: no validation loss")
+    sample_tokens: int = setting(200, "characters of sample text at each evaluation; 0: none")
+    out_dir: str | None = setting("runs/default", "the run's folder (checkpoint, token files, loss "
+                                                  "plot); a run in it resumes. None: keep nothing")
+    save_frozen: bool = setting(True, "checkpoints hold frozen weights too (off: fine-tuning a big model)")
     # machine
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    compile: bool = False
-    seed: int = 1337
-    progress: bool = True
+    device: str = setting("auto", "auto (cuda if there is one), cpu, cuda, cuda:1, mps")
+    precision: str = setting("auto", "auto (bf16 or fp16 on a GPU, fp32 on a CPU), fp32, bf16, fp16")
+    compile: bool = setting(False, "run the model through torch.compile")
+    seed: int = setting(1337, "seed of the initial weights, dropout and batches")
+    progress: bool = setting(True, "show a progress bar (tqdm)")
 
     def __post_init__(self):
         if isinstance(self.model, dict):  # as stored in a checkpoint or a TOML file
-            self.model = GPTConfig(**self.model)
+            self.model = GPTConfig(**check_types(GPTConfig, self.model))
+        check_settings(self)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AT_LEAST_1 = ("batch_size", "grad_accum", "max_iters", "eval_interval")
+AT_LEAST_0 = ("eval_iters", "sample_tokens", "warmup_iters", "decay_iters", "lr", "min_lr", "weight_decay")
+
+
+def check_settings(cfg):
+    """One clear error for the first setting of the wrong type or out of range, before any
+    work: a TOML file's n_layer = "two", max_iters = 3.5 or progress = "no", --lr nan."""
+    if not isinstance(cfg.model, GPTConfig):
+        raise ValueError(f"model must be a GPTConfig, got {cfg.model!r}")
+    check_types(TrainConfig, {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "model"})
+    for name in AT_LEAST_1:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in AT_LEAST_0:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must not be negative, got {getattr(cfg, name)}")
+    if not (cfg.lr > 0 and cfg.grad_clip > 0 and 0 < cfg.val_fraction < 1):
+        raise ValueError(f"lr and grad_clip must be positive and val_fraction in (0, 1), got lr={cfg.lr}, "
+                         f"grad_clip={cfg.grad_clip}, val_fraction={cfg.val_fraction}")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise ValueError(f"beta1 and beta2 must be in [0, 1), got {cfg.beta1} and {cfg.beta2}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if cfg.device != "auto":
+        try:
+            torch.device(cfg.device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {cfg.device!r}: use auto, cpu, cuda, cuda:1, mps, ...") from None
+
+
+def check_types(cls, values):
+    """values (a dict of settings of the dataclass cls), each of its field's type: an int is
+    a float, but a bool is not an int, and a float must be finite. Returns values."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        kinds = fields[name].__args__ if isinstance(fields.get(name), types.UnionType) else (fields.get(name),)
+        if name not in fields or (value is None and type(None) in kinds):
+            continue  # an unknown name is the dataclass's own error
+        kind = next(k for k in kinds if k is not type(None))
+        if not TYPE_CHECKS[kind](value):
+            raise ValueError(f"{name} must be {TYPE_WORDS[kind]}, got {value!r}")
+    return values
+
+
+TYPE_CHECKS = {bool: lambda v: isinstance(v, bool),
+               int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+               float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+               str: lambda v: isinstance(v, str)}
+TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}
 
 
 # TrainConfig's defaults are nanoGPT's CPU recipe; the capstone at the end of the chapter
@@ -634,7 +712,7 @@ def make_config(recipe="nanogpt", **settings):
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
     values = {**RECIPES[recipe], **settings}
-    model = {name: values.pop(name) for name in MODEL_SETTINGS if name in values}
+    model = check_types(GPTConfig, {name: values.pop(name) for name in MODEL_SETTINGS if name in values})
     cfg = TrainConfig(**values)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model))
 # --8<-- [end:train-config]
@@ -724,6 +802,8 @@ def refuse_other_data(out, record):
         return
     recorded = run_data_info(out)
     if recorded is None:  # a run from before data.json: its token files still say what it read
+        if not all((out / name).exists() for name in ("tokenizer.json", "train.npy", "val.npy")):
+            raise ValueError(f"{out} holds a checkpoint but no record of its data: train in a new --out-dir")
         tokenizer = load_run_tokenizer(out)
         ids = np.concatenate([load_token_file(out / "train.npy"), load_token_file(out / "val.npy")])
         recorded = corpus_record("its token files", tokenizer.decode(ids.tolist()), f"{out}/train.npy, val.npy")
@@ -743,10 +823,36 @@ def model_from_checkpoint(path):
     mode; returns (model, metadata). Unlike resuming, using a model leaves the global random
     state as it was: neither building nor loading it reseeds the caller's code."""
     info = checkpoint_metadata(path)
+    try:
+        config = TrainConfig(**info["config"]).model  # checks every setting's type
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: its metadata holds no valid configuration ({error})") from None
+    check_fits_in_memory(config, path)
     with torch.random.fork_rng(devices=[]):  # the random initial weights are overwritten anyway
-        model = GPT(TrainConfig(**info["config"]).model)
+        model = GPT(config)
     load_checkpoint(path, model)
     return model.eval(), info
+
+
+def check_fits_in_memory(config, what, device="cpu"):
+    """Refuse a model whose float32 weights alone exceed the memory of ``device``, from its
+    configuration, before anything is allocated (a crafted d_model = 2**20 asks for terabytes)."""
+    need = 4 * gpt_num_parameters(config)
+    have = memory_bytes(device)
+    if have is not None and need > have:
+        raise MemoryError(f"{what}: the model of {gpt_num_parameters(config):,} parameters needs "
+                          f"{need / 2**30:,.1f} GiB for its weights alone; {device} has {have / 2**30:,.1f} GiB")
+
+
+def memory_bytes(device="cpu"):
+    """The memory of a device: a GPU's own, or the machine's physical memory (None: unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): no check
+        return None
 
 
 def make_optimizer(model, cfg):
@@ -845,6 +951,8 @@ def _train(cfg, model, data, corpus, loss_fn, evaluate, stop_after, log, runtime
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
 
     torch.manual_seed(cfg.seed)
+    if model is None:
+        check_fits_in_memory(cfg.model, "--n-layer, --d-model, ...")
     model = (GPT(cfg.model) if model is None else model).to(device).train()  # dropout on, if any
     if isinstance(getattr(model, "config", None), GPTConfig):
         cfg = dataclasses.replace(cfg, model=model.config)  # what a checkpoint rebuilds
@@ -942,6 +1050,15 @@ def not_finite(loss, grad_norm, model):
     return problem
 
 
+# --8<-- [start:plant-nan]
+def plant_nan(param, from_call):
+    """Make the gradient of ``param`` NaN from its from_call-th backward pass on, as an
+    overflow inside one layer would; returns the hook's handle (.remove() undoes it)."""
+    calls = itertools.count(1)
+    return param.register_hook(lambda grad: grad * math.nan if next(calls) >= from_call else grad)
+# --8<-- [end:plant-nan]
+
+
 def _progress(cfg, start):
     """A tqdm bar when asked for (and installed); otherwise an object that does nothing."""
     if cfg.progress:
@@ -1008,20 +1125,35 @@ def settings():
 
 
 def arg_parser():
-    """A flag for every setting (--batch-size 32, --n-layer 6, --positions rope), plus
-    --recipe and --config."""
-    parser = argparse.ArgumentParser(description="Train the book's GPT on a text file.")
+    """A flag for every setting (--batch-size 32, --n-layer 6, --positions rope), with its
+    field's help text and default, plus --recipe and --config."""
+    parser = argparse.ArgumentParser(
+        description="Train the book's GPT on a text file. Defaults are nanoGPT's CPU recipe; "
+                    "--recipe starts from another, --config reads a TOML file, flags override both.",
+        allow_abbrev=False)  # --max-iter is an error, not --max-iters
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="nanogpt",
-                        help="the settings to start from (default: nanoGPT's CPU recipe)")
-    parser.add_argument("--config", help="a TOML file of settings; flags override it")
+                        help="the settings to start from (default: nanogpt, nanoGPT's CPU recipe)")
+    parser.add_argument("--config", help="a TOML file of settings, flat or with a [model] table")
+    recipes = {name: make_config(name) for name in RECIPES}
     for field in settings():
         flag = "--" + field.name.replace("_", "-")
         kind = _flag_type(field.type)
+        text = flag_help(field, recipes).replace("%", "%%")  # argparse formats help with %
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(flag, type=kind, default=None)
+            parser.add_argument(flag, type=kind, default=None, metavar={int: "N", float: "X"}.get(kind), help=text)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
+
+
+def flag_help(field, recipes):
+    """A setting's help text, its default, and the recipes that change it."""
+    values = {name: getattr(cfg.model if field.name in MODEL_SETTINGS else cfg, field.name)
+              for name, cfg in recipes.items()}
+    default = values.pop("nanogpt")
+    changed = "".join(f", {name}: {value}" for name, value in values.items() if value != default)
+    return f"{field.metadata.get('help', '')} (default: {default}{changed})"
 
 
 def parse_args(argv=None):
@@ -1030,6 +1162,7 @@ def parse_args(argv=None):
     parser = arg_parser()
     args = vars(parser.parse_args(argv))
     recipe, config_path = args.pop("recipe"), args.pop("config")
+    args.pop("debug")  # run_command's flag
     values = {}
     if config_path:
         with open(config_path, "rb") as f:
@@ -1050,6 +1183,7 @@ def _flag_type(annotation):
 
 
 def main(argv=None):
+    warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
     history = train(parse_args(argv))
     if history["val"]:
         print(f"final validation loss {history['val'][-1][1]:.4f}")

@@ -565,7 +565,7 @@ def test_a_checkpoint_without_frozen_weights_resumes_exactly(ch, tmp_path):
     saved = load_file(tmp_path / "resumed" / "checkpoint.safetensors")
     assert not any(k.startswith("model.blocks.0.") for k in saved) and "model.blocks.1.mlp.fc.weight" in saved
     assert run(tmp_path / "resumed")["train"] == whole["train"]
-    with pytest.raises(ValueError, match="does not have"):
+    with pytest.raises(ValueError, match="does not fit this model; tensors unknown"):
         ch.load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors", tiny_gpt(n_layer=1))
 
 
@@ -589,3 +589,101 @@ def test_a_run_records_the_text_it_was_trained_on(ch, tmp_path):
     info = ch.run_data_info(tmp_path / "mine")
     assert (info["corpus"], info["source"], info["chars"]) == (str(corpus), str(corpus.resolve()), 13 * 200)
     assert info["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+
+
+LOCK_HOLDER = """
+import sys, time
+sys.path.insert(0, "code")
+from ch08_training import lock_run_folder
+with lock_run_folder(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_trainer_on_a_folder_is_refused_until_the_first_dies(ch, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], cwd=root,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=rf"in use by another trainer \(pid {holder.pid} on .*, started "):
+            ch.train(tiny_config(ch, tmp_path), log=lambda s: None)
+        assert not (tmp_path / "tokenizer.json").exists()  # refused before touching the folder
+    finally:
+        holder.kill()  # as a crash would: no cleanup runs in the holder
+        holder.wait()
+    with ch.lock_run_folder(tmp_path):  # the operating system released the dead process's lock
+        assert f"pid {os.getpid()} " in (tmp_path / "train.lock").read_text()
+        with pytest.raises(RuntimeError, match=f"pid {os.getpid()} "):  # even within one process
+            ch.train(tiny_config(ch, tmp_path), log=lambda s: None)
+
+
+def test_resuming_on_another_text_is_refused_and_leaves_the_folder_as_it_was(ch, tmp_path):
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("abcdefgh\n" * 300)
+    second.write_text("hgfedcba\n" * 300)  # the same alphabet: ids would be remapped silently
+    run = tmp_path / "run"
+    ch.train(tiny_config(ch, run, data=str(first)), stop_after=6, log=lambda s: None)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "train.lock"}
+    with pytest.raises(ValueError, match=r"trained on .*first.txt.*another text.*new --out-dir"):
+        ch.train(tiny_config(ch, run, data=str(second)), log=lambda s: None)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != "train.lock"} == before
+    (run / "data.json").unlink()  # a folder written before runs recorded their data
+    with pytest.raises(ValueError, match="another text"):  # its token files still tell
+        ch.train(tiny_config(ch, run, data=str(second)), log=lambda s: None)
+    history = ch.train(tiny_config(ch, run, data=str(first)), log=lambda s: None)  # its own text resumes
+    assert len(history["train"]) == 12
+
+
+def test_the_next_start_removes_exactly_what_a_killed_write_left(ch, tmp_path):
+    from ch02_tokenizer import atomic_path
+
+    ch.train(tiny_config(ch, tmp_path), stop_after=6, log=lambda s: None)
+    leftovers = []
+    for name in ["checkpoint.safetensors", "loss.svg", "train.npy", "tokenizer.json"]:
+        with atomic_path(tmp_path / "elsewhere" / name) as tmp:  # the names a write killed half-way leaves
+            tmp.write_bytes(b"half")
+            leftovers.append(tmp.name)
+    for name in leftovers:
+        (tmp_path / name).write_bytes(b"half")
+    others = [".notes.tmp", "checkpoint.safetensors.tmp", ".loss.1234abcd.tmp.svg.bak", ".loss.xyz.tmp.svg",
+              ".checkpoint.1234ABCD.tmp.safetensors", "mine.0a1b2c3d.tmp.txt"]
+    for name in others:
+        (tmp_path / name).write_text("the user's")
+    messages = []
+    ch.train(tiny_config(ch, tmp_path), log=messages.append)
+    assert not any((tmp_path / name).exists() for name in leftovers)
+    assert all((tmp_path / name).read_text() == "the user's" for name in others)
+    assert any("removed 4 unfinished file(s)" in m for m in messages)
+
+
+def test_a_gradient_that_is_not_finite_stops_the_run_and_keeps_the_last_good_checkpoint(ch, tmp_path):
+    cfg = tiny_config(ch, tmp_path, dropout=0.0)
+    tokenizer, data = ch.prepare_data(cfg)
+    model = tiny_gpt(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, d_model=32, n_head=2).train()
+    ch.plant_nan(model.blocks[0].mlp.fc.weight, from_call=8)
+    with pytest.raises(FloatingPointError, match=r"iteration 8: the gradient norm is nan, and the first gradient "
+                                                 r"that is not finite is blocks\.0\.mlp\.fc\.weight's.*iteration 6 "
+                                                 r"is kept.*--lr"):
+        ch.train(cfg, model, data, log=lambda s: None)
+    saved, info = ch.model_from_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert info["step"] == 6 and len(info["history"]["train"]) == 6
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+def test_a_loss_that_is_not_finite_stops_the_run(ch, tmp_path):
+    calls = iter(range(100))
+
+    def blows_up_at_the_fourth_step(model, batch):
+        loss = ch.next_token_loss(model, batch)
+        return loss * math.inf if next(calls) == 3 else loss
+
+    with pytest.raises(FloatingPointError, match="iteration 4: the loss is inf"):
+        ch.train(tiny_config(ch, tmp_path), loss_fn=blows_up_at_the_fourth_step, log=lambda s: None)
+    assert not (tmp_path / "checkpoint.safetensors").exists()  # nothing good to keep yet
