@@ -12,8 +12,10 @@ import importlib.util
 import json
 import random
 import shutil
+import time
 import unicodedata
-from collections import Counter
+import warnings
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -323,6 +325,49 @@ def test_fast_trainer_equals_brute_force(ch, text, extra):
         assert tok.merges == expected
 
 
+long_word_corpus = st.lists(st.tuples(st.sampled_from(["a", "b", "ab", "aab", "ba", "é", "😀",
+                                                      "!", "!?", " ", "1"]),
+                                      st.integers(1, 80)), min_size=1, max_size=8)
+
+
+@FAST
+@given(parts=long_word_corpus, extra=st.integers(0, 40),
+       tie_break=st.sampled_from(["smallest", "greatest"]))
+def test_fast_trainer_on_long_words_equals_brute_force(ch, parts, extra, tie_break):
+    """Pieces longer than the trainer's one-window limit: runs of letters, symbols, emoji."""
+    text = "".join(unit * count for unit, count in parts)
+    expected = brute_force_merges([text], 256 + extra, ch.GPT2_PATTERN, tie_break=tie_break)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a short corpus may run out of pairs
+        tok = ch.train_bpe(text, 256 + extra, tie_break=tie_break)
+    assert tok.merges == expected
+
+
+class CountingDefaultdict(defaultdict):
+    """A defaultdict that counts the values written into it (new keys included)."""
+
+    writes = 0
+
+    def __setitem__(self, key, value):
+        CountingDefaultdict.writes += 1
+        super().__setitem__(key, value)
+
+
+def test_fast_trainer_on_a_long_word_costs_its_length(ch, monkeypatch):
+    """A word of L random letters: the pair counts get at most 20 writes per letter.
+
+    Each merged occurrence changes at most three pairs of the word into two. Recounting the
+    word from the first occurrence on at every merge instead costs about L writes per merge
+    (4 million here, against 55,000)."""
+    rng = random.Random(0)
+    word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(8000))
+    monkeypatch.setattr(ch, "defaultdict", CountingDefaultdict)
+    CountingDefaultdict.writes = 0
+    merges = ch.learn_merges({word.encode(): 1}, 300)
+    assert len(merges) == 300
+    assert len(word) <= CountingDefaultdict.writes <= 20 * len(word)
+
+
 def test_trainer_with_special_tokens_and_processes(ch):
     docs = [random_unicode(300, seed=s) + "<|endoftext|>" + "the cat's hat " * (s + 1)
             for s in range(6)]
@@ -503,6 +548,118 @@ def test_bpe_encode_piece_on_words(ch, official):
         data = word.encode("utf-8")
         assert ch.bpe_encode_piece(data, ranks) == official["gpt2"]._encode_single_piece(data)
     assert ch.bpe_encode_piece(b" the", ranks) == [ranks[b" the"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Long pieces: the heap encoder, O(n log n)
+# ---------------------------------------------------------------------------------------------
+
+# Runs of one character (or a few) make a single long piece: letters, symbols, emoji, CJK,
+# Cyrillic, digits. The run lengths reach where the simple loop gets slow.
+RUN_UNITS = ["a", "!", "😀", "日本", "ab", "ж", "9", "é", " ", "\n", "-=", "🇫🇷", "\u0301"]
+runs = st.lists(st.tuples(st.sampled_from(RUN_UNITS) | st.text(KNOWN_CHARS, min_size=1,
+                                                                  max_size=3),
+                          st.integers(1, 1000)), min_size=1, max_size=4)
+
+
+class CountingRanks(dict):
+    """A ranks dict that counts its lookups (``get`` and ``[]``)."""
+
+    lookups = 0
+
+    def get(self, key, default=None):
+        self.lookups += 1
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.lookups += 1
+        return super().__getitem__(key)
+
+
+@FAST
+@given(parts=st.lists(st.tuples(st.binary(min_size=1, max_size=4), st.integers(1, 400)),
+                      min_size=1, max_size=4))
+def test_bpe_encode_piece_fast_equals_tiktoken(ch, official, parts):
+    piece = b"".join(unit * count for unit, count in parts)
+    for name in ("gpt2", "cl100k"):
+        enc = official[name]
+        if piece in enc._mergeable_ranks:
+            continue  # tiktoken answers a whole-token piece with a lookup
+        assert ch.bpe_encode_piece_fast(piece, enc._mergeable_ranks) == \
+            enc._encode_single_piece(piece)
+
+
+@FAST
+@given(piece=st.binary(min_size=1, max_size=40))
+def test_bpe_encode_piece_fast_equals_the_simple_loop(ch, official, piece):
+    for name in ("gpt2", "cl100k"):
+        ranks = official[name]._mergeable_ranks
+        assert ch.bpe_encode_piece_fast(piece, ranks) == ch.bpe_encode_piece(piece, ranks)
+
+
+@settings(max_examples=30, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(parts=runs, cuts=st.lists(st.integers(0, 20_000), max_size=8))
+def test_long_runs_encode_and_stream_as_tiktoken(ours, official, parts, cuts):
+    text = "".join(unit * count for unit, count in parts)
+    for name in ("gpt2", "cl100k"):
+        expected = official[name].encode_ordinary(text)
+        assert ours[name].encode_ordinary(text) == expected
+        assert list(ours[name].encode_stream(cut_into_chunks(text, cuts))) == expected
+
+
+@pytest.mark.parametrize("unit", ["a", "!", "😀", "日本"])
+def test_long_runs_take_n_log_n_rank_lookups(ch, ours, official, unit):
+    """Doubling a run of one character at most doubles the rank lookups, plus a little (the
+    simple loop, n merges over n pairs, quadruples them)."""
+    lookups = []
+    for n in (1000, 2000, 4000):
+        ranks = CountingRanks(ours["gpt2"].ranks)
+        tok = ch.Tokenizer(ranks, ch.GPT2_PATTERN)  # a fresh one: an empty cache
+        ranks.lookups = 0
+        assert tok.encode_ordinary(unit * n) == official["gpt2"].encode_ordinary(unit * n)
+        lookups.append(ranks.lookups)
+    growth = [b / a for a, b in zip(lookups, lookups[1:])]
+    assert max(growth) <= 2.3, (lookups, growth)
+
+
+def test_sixteen_thousand_exclamation_marks_encode_in_under_two_seconds(ch, ours, official):
+    """Measured here (2 cores, loaded): 52 s with the simple loop, about 0.1 s with the heap."""
+    text = "!" * 16_000
+    tok = ch.Tokenizer(ours["gpt2"].ranks, ch.GPT2_PATTERN)  # empty cache
+    start = time.perf_counter()
+    ids = tok.encode_ordinary(text)
+    assert time.perf_counter() - start < 2.0
+    assert ids == official["gpt2"].encode_ordinary(text)
+
+
+class CountingRegex:
+    """A compiled regex that counts the characters its searches start from."""
+
+    def __init__(self, compiled):
+        self.compiled, self.searched = compiled, 0
+
+    def finditer(self, text):
+        self.searched += len(text)
+        return self.compiled.finditer(text)
+
+    def findall(self, text):
+        self.searched += len(text)
+        return self.compiled.findall(text)
+
+
+@pytest.mark.parametrize("unit", ["!", "😀"])
+def test_stream_of_a_long_run_in_small_chunks_searches_linear_text(ch, ours, official, unit):
+    """One character per chunk: a run that grows over the whole stream is searched again only
+    when the buffer has doubled, so the text searched grows like n (once per chunk: n^2 / 2)."""
+    searched = []
+    for n in (1000, 2000, 4000):
+        tok = ch.Tokenizer(ours["gpt2"].ranks, ch.GPT2_PATTERN)
+        tok._regex = CountingRegex(tok._regex)
+        assert list(tok.encode_stream(unit * n)) == official["gpt2"].encode_ordinary(unit * n)
+        searched.append(tok._regex.searched)
+    growth = [b / a for a, b in zip(searched, searched[1:])]
+    assert max(growth) <= 2.3, (searched, growth)
 
 
 # ---------------------------------------------------------------------------------------------

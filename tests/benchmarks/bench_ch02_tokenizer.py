@@ -3,6 +3,7 @@
 Run by hand from the repository root (not collected by pytest):
 
     python tests/benchmarks/bench_ch02_tokenizer.py [--data PATH] [--repeats 5] [--only train]
+    python tests/benchmarks/bench_ch02_tokenizer.py --only long [--simple]
 
 1. Training on Tiny Shakespeare at vocabulary 1024 and 4096: our ``train_bpe`` (the whole text
    as one string, its normal use) beside Hugging Face ``tokenizers``' byte-level BPE trainer
@@ -18,6 +19,10 @@ Run by hand from the repository root (not collected by pytest):
 2. Encoding throughput (MB/s) on the same text: our pure-Python encoder (cold cache and warm),
    the ``tiktoken.Encoding`` built from our ranks, and tiktoken's own encoding on the same
    ranks (GPT-2), all checked to give identical ids.
+3. Long pieces (``--only long``): 16,000 x "a", "!" and "😀" in a row, each one piece, encoded
+   with GPT-2's ranks by our encoder (a fresh tokenizer each time, so nothing is cached) and by
+   tiktoken, side by side, ids checked identical. ``--simple`` adds Exercise 3's simple loop,
+   quadratic in the piece length (minutes).
 
 The text is ../shared/data/tinyshakespeare.txt (beside the repository), or --data; it is not
 part of the repository. Its public address:
@@ -154,13 +159,19 @@ def vocabulary_overlap(path: Path, vocab_size: int) -> float:
     return len(ours & theirs) / len(theirs)
 
 
-def throughput(encode, text: str, repeats: int) -> tuple[float, list[int]]:
-    """Best MB/s over ``repeats`` runs, and the ids."""
-    best, ids = float("inf"), None
+def best_seconds(run, repeats: int) -> tuple[float, object]:
+    """Fastest of ``repeats`` calls of ``run()``, and its result."""
+    best, result = float("inf"), None
     for _ in range(repeats):
         start = time.perf_counter()
-        ids = encode(text)
+        result = run()
         best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def throughput(encode, text: str, repeats: int) -> tuple[float, list[int]]:
+    """Best MB/s over ``repeats`` runs, and the ids."""
+    best, ids = best_seconds(lambda: encode(text), repeats)
     return len(text.encode("utf-8")) / best / 1e6, ids
 
 
@@ -192,26 +203,55 @@ def bench_encoding(text: str, repeats: int) -> None:
           f"{len(text.encode('utf-8')):,} bytes with the 4096 vocabulary)")
 
 
+def bench_long_pieces(repeats: int, simple: bool) -> None:
+    import ch02_tokenizer as ch
+
+    print("\n== Long pieces: 16,000 characters in a row, GPT-2's ranks (best of runs, "
+          "empty cache) ==")
+    gpt2 = ch.load_gpt2()
+    official = ch.official_encoding("gpt2")
+    print(f"{'text':<12} {'bytes':>7} {'ids':>6} {'ours s':>8} {'tiktoken s':>11} {'ratio':>6}"
+          + (f" {'simple loop s':>14}" if simple else ""))
+    for unit in ("a", "!", "😀"):
+        text = unit * 16_000
+        ours_s, ids = best_seconds(
+            lambda: ch.Tokenizer(gpt2.ranks, gpt2.pattern).encode_ordinary(text), repeats)
+        ref_s, ref_ids = best_seconds(lambda: official.encode_ordinary(text), repeats)
+        assert ids == ref_ids
+        row = (f"16,000 x {unit:<3} {len(text.encode()):>7,} {len(ids):>6,} {ours_s:>8.3f} "
+               f"{ref_s:>11.4f} {ours_s / ref_s:>5.0f}x")
+        if simple:  # one piece: the text is all one regex match
+            simple_s, simple_ids = best_seconds(
+                lambda: ch.bpe_encode_piece(text.encode(), gpt2.ranks), 1)
+            assert simple_ids == ids
+            row += f" {simple_s:>14.1f}"
+        print(row)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", choices=["train", "encode"], help="run one part only")
+    parser.add_argument("--only", choices=["train", "encode", "long"], help="run one part only")
+    parser.add_argument("--simple", action="store_true",
+                        help="long pieces: time Exercise 3's simple loop too (minutes)")
     parser.add_argument("--train-once", nargs=2, metavar=("IMPL", "VOCAB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.train_once:
         print(json.dumps(train_once(args.train_once[0], int(args.train_once[1]), args.data)))
         return
-    text = read_corpus(args.data)
+    text = read_corpus(args.data) if args.only != "long" else None  # fail early if missing
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} (other work on the machine adds noise)")
-    if args.only != "encode":
+    if args.only in (None, "train"):
         bench_training(args.data, args.repeats)
         for vocab_size in (1024, 4096):
             print(f"vocab {vocab_size}: {vocabulary_overlap(args.data, vocab_size):.1%} of the "
                   "tokens HF learned from the file are also in ours")
-    if args.only != "train":
+    if args.only in (None, "encode"):
         bench_encoding(text, args.repeats)
+    if args.only in (None, "long"):
+        bench_long_pieces(args.repeats, args.simple)
 
 
 if __name__ == "__main__":
