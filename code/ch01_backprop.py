@@ -7,6 +7,8 @@ book's tests.
 
 Depends only on torch and the standard library (matplotlib inside the ``plot_*``
 functions, which draw the chapter's figures).
+
+Needs: nothing else from the book.
 """
 
 # --8<-- [start:imports]

@@ -13,6 +13,8 @@ The end of the file holds a tiny model and a CPU experiment that trains it with 
 encoding and tests it on sequences longer than any it saw in training.
 
 Shapes: B batch, T sequence length, C model width, H heads, D head width, V vocabulary.
+
+Needs: nothing else from the book.
 """
 
 import math

@@ -10,6 +10,8 @@
 
 Shapes: B batch, T / Tq / Tk sequence lengths, C model width, H query heads, Hkv key/value
 heads, D head width (C = H * D).
+
+Needs: ch03_embeddings.
 """
 
 import math

@@ -13,6 +13,8 @@ self-attention), an encoder block (bidirectional self-attention) and a decoder b
 (causal self-attention plus cross-attention) are the same class with different switches.
 
 Shapes: B batch, T sequence length, C model width (d_model), F hidden width of the MLP.
+
+Needs: ch03_embeddings, ch04_attention.
 """
 
 import math

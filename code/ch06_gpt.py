@@ -10,6 +10,8 @@ and loading / exporting Hugging Face GPT-2 (and Llama) weights, from a state dic
 safetensors file read and written from scratch.
 
 Shapes: B batch, T sequence length, C model width (d_model), V vocabulary size.
+
+Needs: ch03_embeddings, ch04_attention, ch05_block.
 """
 
 import json

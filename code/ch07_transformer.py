@@ -11,6 +11,8 @@ decoding, and a CPU experiment that teaches the model to rewrite dates ("5 March
 "3/5/2021", ...) in ISO form ("2021-03-05").
 
 Shapes: B batch, S source length, T target length, C model width, V vocabulary size.
+
+Needs: ch03_embeddings, ch04_attention, ch05_block.
 """
 
 import datetime

@@ -17,6 +17,8 @@ choosing from it, again and again. This module builds:
 
 Shapes: B batch, T sequence length, V vocabulary size, H query heads, Hkv key/value heads,
 D head width, S source length (encoder-decoder).
+
+Needs: ch02_tokenizer, ch03_embeddings, ch04_attention, ch05_block, ch06_gpt, ch08_training.
 """
 
 # --8<-- [start:imports]

@@ -12,6 +12,8 @@ The metrics take token sequences and models; only ``sampling_sweep`` calls chapt
 is imported inside the plot_* functions.
 
 Shapes: B batch, T sequence length, V vocabulary size.
+
+Needs: ch02_tokenizer, ch03_embeddings, ch04_attention, ch05_block, ch06_gpt, ch08_training, ch09_generation.
 """
 
 # --8<-- [start:imports]

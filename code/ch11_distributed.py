@@ -15,6 +15,8 @@ what sharding it (ZeRO, FSDP) saves, and the FLOPs, utilisation and duration of 
 
 Depends on torch (torch.distributed), the standard library and chapters 6 and 8;
 matplotlib only in the plot_* functions.
+
+Needs: ch02_tokenizer, ch03_embeddings, ch04_attention, ch05_block, ch06_gpt, ch08_training.
 """
 
 # --8<-- [start:imports]

