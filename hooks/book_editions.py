@@ -212,6 +212,7 @@ def on_nav(nav, config, files):
     return nav
 
 
+@event_priority(-100)  # the page as published: after book_mkdocs.py has put in the outputs
 def on_page_content(html: str, page, config, files):
     _pages[page.file.src_uri] = (page.url, html)
     return html
