@@ -178,6 +178,7 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len=None):
         """Forward-pass FLOPs per token with seq_len tokens of context (see flops_per_token)."""
         return flops_per_token(self.config, seq_len)
+    # --8<-- [end:gpt]
 
     # --8<-- [start:exercise-1]
     # Exercise 1: weight tying
@@ -208,7 +209,6 @@ class GPT(nn.Module):
             idx = torch.cat([idx, next_id], dim=1)
         return idx
     # --8<-- [end:exercise-4]
-# --8<-- [end:gpt]
 
 
 # --8<-- [start:components]
