@@ -38,6 +38,7 @@ import hashlib
 import html
 import importlib.util
 import itertools
+import json
 import logging
 import os
 import queue
@@ -87,7 +88,8 @@ def _log_progress(what: str, started: float) -> None:
 
 
 class Background:
-    """One thread that runs slow jobs one at a time and touches READY after each."""
+    """One thread that runs slow jobs one at a time. It touches READY when it has finished
+    the jobs of a page (``group``), so the server rebuilds once per page, not once per job."""
 
     def __init__(self):
         self.jobs: queue.Queue = queue.Queue()
@@ -97,11 +99,15 @@ class Background:
         self.thread: threading.Thread | None = None
         self.started = time.monotonic()
 
-    def submit(self, name: str, job) -> None:
+    def submit(self, name: str, job, group: str = "") -> None:
         if name in self.waiting or name in self.failed:
             return
         self.waiting.add(name)
-        self.jobs.put((name, job))
+        self.jobs.put((name, job, group))
+
+    def _next_group(self) -> str | None:
+        with self.jobs.mutex:
+            return self.jobs.queue[0][2] if self.jobs.queue else None
 
     def start(self) -> None:
         if self.thread is None:
@@ -111,7 +117,7 @@ class Background:
 
     def _run(self) -> None:
         while True:
-            name, job = self.jobs.get()
+            name, job, group = self.jobs.get()
             began = time.monotonic()
             try:
                 job()
@@ -123,8 +129,9 @@ class Background:
             log.info("background: %s done in %.0f s; %d done, %d left (%.0f s since serve started)",
                      name, time.monotonic() - began, self.done, len(self.waiting),
                      time.monotonic() - self.started)
-            READY.parent.mkdir(parents=True, exist_ok=True)
-            READY.write_text(f"{name}\n", encoding="utf-8")
+            if self._next_group() != group:  # the page is complete: rebuild
+                READY.parent.mkdir(parents=True, exist_ok=True)
+                READY.write_text(f"{name}\n", encoding="utf-8")
 
 
 background = Background()
@@ -204,6 +211,14 @@ def page_notebook_state(page: Path):
         return blocks, None, None
     nb = book_pages.page_notebook(page, blocks)
     return blocks, nb, book_pages.cached_notebook_path(page, book_pages.notebook_key(nb))
+
+
+def read_notebook(path: Path):
+    """A notebook the book wrote itself, read without nbformat's schema validation (slow on
+    large notebooks, and every build reads each chapter's)."""
+    import nbformat
+
+    return nbformat.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
 def older_notebook(page: Path) -> Path | None:
@@ -410,14 +425,14 @@ def _figures_of(page: Path) -> list[tuple[str, str]]:
     return list(dict.fromkeys((match["module"], match["function"]) for match in found))
 
 
-def _add_figures(files, config, figures: list[tuple[str, str]]) -> None:
+def _add_figures(files, config, figures: list[tuple[str, str]], group: str = "") -> None:
     missing = [f for f in figures if not figure_path(*f).exists()]
     started = time.monotonic()
     for module, function in figures:
         uri = f"figures/{module}.{function}.svg"
         if _serving and (module, function) in missing:
             name = f"figure {module}.{function}() [{figure_key(module)}]"
-            background.submit(name, lambda m=module, f=function: draw_figure(m, f))
+            background.submit(name, lambda m=module, f=function: draw_figure(m, f), group)
             files.append(File.generated(config, uri, content=placeholder_svg(module, function)))
             continue
         if (module, function) in missing:
@@ -444,14 +459,12 @@ def _add_notebook(files, config, page: Path, pending: list) -> None:
         return
     else:
         name = f"notebook of {page.name} [{fresh.stem.rsplit('-', 1)[1]}]"
-        background.submit(name, lambda: execute_into_cache(page, nb, fresh))
+        background.submit(name, lambda: execute_into_cache(page, nb, fresh), page.name)
         older = older_notebook(page)
         error = background.failed.get(name)
         kind = "failed" if error else "older" if older else "running"
         state.update(kind=kind, error=error, path=older)
-        import nbformat
-
-        shown = nbformat.read(older, as_version=4) if older else nb
+        shown = read_notebook(older) if older else nb
         files.append(_staged_notebook(config, uri, nb=_with_note(shown, _note(state, page))))
     _chapters[page.stem] = state
 
@@ -471,7 +484,7 @@ def on_files(files, config):
     if _serving:  # queue each page's figures before its notebook
         seen: set = set()
         for page in pages:
-            _add_figures(files, config, [f for f in _figures_of(page) if f not in seen])
+            _add_figures(files, config, [f for f in _figures_of(page) if f not in seen], page.name)
             seen.update(_figures_of(page))
             if page.parent == chapters:
                 _add_notebook(files, config, page, [])
@@ -512,7 +525,7 @@ def chapter_links(page, config, files) -> str:
     notebook = _link(page, files, f"notebooks/{stem}.ipynb")  # the notebook's page
     if notebook:
         download = get_relative_url(f"notebooks/{stem}/{stem}.ipynb", page.url)
-        links.append(f"[:material-notebook-outline: Notebook with outputs]({notebook})")
+        links.append(f'<a href="{notebook}">:material-notebook-outline: Notebook with outputs</a>')
         links.append(f'<a href="{download}" download>:material-download: Download .ipynb</a>')
         repo = config["extra"]["repository"]
         colab = f"https://colab.research.google.com/github/{repo}/blob/gh-pages/notebooks/{stem}/{stem}.ipynb"
@@ -538,9 +551,7 @@ def on_page_markdown(markdown: str, page, config, files):
         raw = Path(page.file.abs_src_path).read_text(encoding="utf-8-sig")
         offset = raw.count("\n") - markdown.count("\n")  # front matter that MkDocs removed
         if state.get("path") is not None:
-            import nbformat
-
-            nb = nbformat.read(state["path"], as_version=4)
+            nb = read_notebook(state["path"])
             markdown, _replacements[page.file.src_uri] = render_outputs(
                 markdown, offset, state["blocks"], nb, stale_ok=_serving, page=page.file.src_uri
             )

@@ -120,6 +120,7 @@ def _notebook_markdown(page: Path) -> str:
     out: list[str] = []
     dedent_stack: list[int] = []  # indentation of the admonitions we are inside
     skip_next_fence = False
+    in_fence = False
     for line in lines:
         indent = len(line) - len(line.lstrip())
         while dedent_stack and line.strip() and indent < dedent_stack[-1] + 4:
@@ -138,15 +139,17 @@ def _notebook_markdown(page: Path) -> str:
         if skip_next_fence and line.strip() == "```python":
             line = line.replace("```python", '```python tags=["skip-execution"]')
             skip_next_fence = False
-        out.append(line)
-    return notebook_links(expand_snippets("\n".join(out)), page)
+        if line.lstrip().startswith("```"):
+            in_fence = not in_fence
+        out.append(line if in_fence else notebook_links(line, page))  # code keeps its brackets
+    return expand_snippets("\n".join(out))
 
 
 RELATIVE_LINK = re.compile(r"\]\((?![a-z]+:|#|/)(?P<path>[^)#\s]+)(?P<fragment>#[^)\s]*)?\)")
 
 
 def notebook_links(text: str, page: Path) -> str:
-    """The page's relative links, as seen from the site's notebook page, notebooks/<page>/:
+    """The relative links of page text, as seen from the site's notebook page, notebooks/<page>/:
     a link to a page (``ch02_tokenizer.md#x``) becomes that page's address
     (``../../chapters/ch02_tokenizer/#x``), any other file keeps its name (figures, data)."""
     here = page.parent.relative_to(DOCS_DIR).as_posix() if DOCS_DIR in page.parents else "."

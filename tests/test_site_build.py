@@ -7,6 +7,7 @@ a browser); these tests check the pieces on small synthetic pages, without a bui
 import base64
 import functools
 import posixpath
+import re
 import threading
 from types import SimpleNamespace
 
@@ -204,10 +205,35 @@ def test_chapter_links_resolve_from_the_chapter_page():
     page = SimpleNamespace(file=SimpleNamespace(src_uri="chapters/ch01_backprop.md"), url="chapters/ch01_backprop/")
     config = {"extra": {"repository": "owner/book"}}
     line = book_mkdocs.chapter_links(page, config, files)
-    hrefs = [part.split('"')[0].split(")")[0] for part in line.replace("](", 'href="').split('href="')[1:]]
+    hrefs = re.findall(r'href="([^"]+)"', line)  # raw HTML: MkDocs leaves these addresses as they are
     resolved = [posixpath.normpath(posixpath.join("/chapters/ch01_backprop/", h)) for h in hrefs if "://" not in h]
     assert resolved == [
         "/notebooks/ch01_backprop",
         "/notebooks/ch01_backprop/ch01_backprop.ipynb",
         "/starters/ch01_backprop.py",
     ]
+
+
+def test_the_server_rebuilds_once_a_page_is_complete_not_after_each_job(tmp_path, monkeypatch):
+    ready = tmp_path / "ready"
+    monkeypatch.setattr(book_mkdocs, "READY", ready)
+    work = book_mkdocs.Background()
+    seen = []
+    work.submit("figure 1", lambda: seen.append(ready.exists()), "a.md")
+    work.submit("notebook of a.md", lambda: seen.append(ready.exists()), "a.md")
+    work.submit("notebook of b.md", lambda: seen.append(ready.read_text()), "b.md")
+    work.start()
+    _wait_for(lambda: ready.exists() and ready.read_text() == "notebook of b.md\n")
+    assert seen == [False, False, "notebook of a.md\n"]
+
+
+def test_notebook_links_lead_to_the_site_pages_and_code_keeps_its_brackets(tmp_path):
+    chapter = book_pages.DOCS_DIR / "chapters" / "ch09_any.md"
+    text = "See [Chapter 2](ch02_tokenizer.md#bpe), [data](../data/run.json) and [here](#top)."
+    assert book_pages.notebook_links(text, chapter) == (
+        "See [Chapter 2](../../chapters/ch02_tokenizer/#bpe), [data](../../data/run.json) and [here](#top).")
+    page = tmp_path / "page.md"
+    page.write_text('# T\n\n[a](b.md)\n\n```python\ncalls = {"n": len}\nprint(calls["n"]("ab"))\n```\n')
+    nb = book_pages.page_notebook(page)  # raises if a cell differs from its block
+    assert [c.source for c in nb.cells if c.cell_type == "code"] == ['calls = {"n": len}\nprint(calls["n"]("ab"))']
+    assert "[a](../../b/)" in nb.cells[0].source
