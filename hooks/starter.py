@@ -1,12 +1,14 @@
 """Make a chapter's starter file: its module with the exercise bodies removed.
 
-    python hooks/starter.py ch01_backprop > my_ch01.py
+    .venv/bin/python hooks/starter.py ch01_backprop > my_ch01.py
 
 An exercise in a module is a function or method whose ``def`` (or first decorator) line
 is directly preceded by a comment ``# Exercise N: title``. The starter keeps everything
 else of the module, and for each exercise keeps the comment, the signature and the
-docstring, and replaces the body with ``raise NotImplementedError("Exercise N: title")``.
-It is generated from the reference module, so it can never drift from it.
+docstring, and replaces the body with ``raise NotImplementedError("Exercise N: title")``
+(the message the pytest plugin recognizes as "not implemented yet"). The module's
+``# --8<--`` lines, which only mark sections for the pages, are left out. It is generated
+from the reference module, so it can never drift from it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 CODE_DIR = Path(__file__).resolve().parent.parent / "code"
 EXERCISE = re.compile(r"^\s*# Exercise (?P<number>\d+): (?P<title>.+?)\s*$")
+SECTION_MARKER = re.compile(r"^\s*# --8<-- ")  # pymdownx.snippets' section lines
 
 
 @dataclass
@@ -66,28 +69,40 @@ def find_exercises(source: str) -> list[Exercise]:
     return exercises
 
 
-def make_starter(source: str) -> str:
-    """``source`` with each exercise's body replaced by ``raise NotImplementedError``."""
+def make_starter(source: str, module: str = "chNN_topic") -> str:
+    """``source`` with each exercise's body replaced by ``raise NotImplementedError``, and
+    without its snippet section markers; ``module`` names the chapter in the header."""
+    exercises = find_exercises(source)
     lines = source.splitlines(keepends=True)
-    for ex in reversed(find_exercises(source)):  # from the bottom, so line numbers hold
+    for ex in reversed(exercises):  # from the bottom, so line numbers hold
         stub = f'{ex.indent}raise NotImplementedError("Exercise {ex.number}: {ex.title}")\n'
         lines[ex.body_start - 1 : ex.body_end] = [stub]
-    header = (
-        "# Starter file generated from the book's module: the exercise bodies are removed.\n"
-        "# Implement them, then grade your work with\n"
-        "#     pytest tests/test_<this chapter>.py --impl <this file>\n"
+    lines = [line for line in lines if not SECTION_MARKER.match(line)]
+    return starter_header(module, exercises) + "".join(lines)
+
+
+def starter_header(module: str, exercises: list[Exercise]) -> str:
+    """The comment on top of a starter: what it is and the commands that grade it."""
+    mine = f"my_{module[:4]}.py"
+    first = min((e.number for e in exercises), default=1)
+    return (
+        f"# Starter file for the exercises of code/{module}.py, generated from the book's module:\n"
+        "# the exercise bodies are removed. Save it in the book's folder as " + mine + ",\n"
+        "# implement an exercise, then grade it (here exercise " + str(first) + "):\n"
+        f"#     .venv/bin/pytest tests/test_{module}.py --impl {mine} --exercise {first}\n"
+        "# -m exercise instead of --exercise N grades every exercise; neither runs all of\n"
+        "# the chapter's tests against this file.\n"
     )
-    return header + "".join(lines)
 
 
 def starter_for(module: str) -> str:
     path = CODE_DIR / f"{module.removesuffix('.py')}.py"
     if not path.exists():
         raise SystemExit(f"no chapter module {path.name} in {CODE_DIR}")
-    return make_starter(path.read_text(encoding="utf-8"))
+    return make_starter(path.read_text(encoding="utf-8"), path.stem)
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python hooks/starter.py chNN_topic > my_chNN.py")
+        raise SystemExit("usage: .venv/bin/python hooks/starter.py chNN_topic > my_chNN.py")
     sys.stdout.write(starter_for(sys.argv[1]))
