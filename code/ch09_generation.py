@@ -13,7 +13,7 @@ choosing from it, again and again. This module builds:
 - batched generation of prompts of different lengths (left padding, positions per row);
 - a command-line generator that streams text from a checkpoint of Chapter 8's trainer:
 
-    python code/ch09_generation.py --out-dir runs/shakespeare --prompt "ROMEO:" --temperature 0.8
+    .venv/bin/python code/ch09_generation.py --out-dir runs/shakespeare --prompt "ROMEO:" --temperature 0.8
 
 Shapes: B batch, T sequence length, V vocabulary size, H query heads, Hkv key/value heads,
 D head width, S source length (encoder-decoder).

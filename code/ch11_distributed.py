@@ -5,8 +5,8 @@ trains on its own rows of every batch; DistributedDataParallel averages the grad
 an all-reduce, so every process takes the step that one process would take on the whole
 batch. The same command runs in one process or in many, on CPUs (gloo) or GPUs (NCCL):
 
-    python code/ch11_distributed.py --data shakespeare --out-dir runs/ddp
-    torchrun --standalone --nproc_per_node 4 code/ch11_distributed.py --data shakespeare --out-dir runs/ddp
+    .venv/bin/python code/ch11_distributed.py --data shakespeare --out-dir runs/ddp
+    .venv/bin/torchrun --standalone --nproc_per_node 4 code/ch11_distributed.py --data shakespeare --out-dir runs/ddp
 
 ``--batch-size`` is the global batch: the rows of one micro-batch summed over all processes.
 

@@ -16,8 +16,8 @@ as a GGUF file, llama.cpp's format, inside a wheel on PyPI. This module:
 - renders the chat template and chats through Chapter 9's generator, in Python or on the
   command line:
 
-    python code/ch12_pretrained.py chat
-    python code/ch12_pretrained.py chat --prompt "What is the capital of France?" --temperature 0
+    .venv/bin/python code/ch12_pretrained.py chat
+    .venv/bin/python code/ch12_pretrained.py chat --prompt "What is the capital of France?" --temperature 0
 
 - quantizes any of the book's models to int8 (one scale per output row) or int4 (groups of
   32 along each row), weight-only, and measures what that costs and saves (``quantize_model``).

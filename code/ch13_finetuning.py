@@ -13,8 +13,8 @@ held-out data against a baseline:
   response: a checkable arithmetic task (exact match) and 1,100 instruction examples
   (held-out loss), and what fine-tuning costs the model on questions it could answer before.
 
-    python code/ch13_finetuning.py classify --trainable last-block
-    python code/ch13_finetuning.py sft --task arithmetic --method lora --out-dir runs/arithmetic
+    .venv/bin/python code/ch13_finetuning.py classify --trainable last-block
+    .venv/bin/python code/ch13_finetuning.py sft --task arithmetic --method lora --out-dir runs/arithmetic
 
 Depends on torch, the standard library and chapters 2, 6, 8, 9, 10 and 12. safetensors
 (weights files), tqdm (progress bars, through Chapter 8) and matplotlib (plots) are imported

@@ -15,9 +15,9 @@ instead of by answers to copy. This module builds, on Chapter 13's checkable ari
   trained by Chapter 8's ``train`` with a source of batches that samples from the policy;
 - command lines for each run, whose weights Chapter 12's chat command loads:
 
-    python code/ch14_preferences.py dpo --init runs/ch14/sft/model.safetensors --out-dir runs/ch14/dpo
-    python code/ch14_preferences.py grpo --init runs/ch14/sft/model.safetensors --out-dir runs/ch14/grpo
-    python code/ch14_preferences.py reward --init runs/ch14/sft/model.safetensors
+    .venv/bin/python code/ch14_preferences.py dpo --init runs/ch14/sft/model.safetensors --out-dir runs/ch14/dpo
+    .venv/bin/python code/ch14_preferences.py grpo --init runs/ch14/sft/model.safetensors --out-dir runs/ch14/grpo
+    .venv/bin/python code/ch14_preferences.py reward --init runs/ch14/sft/model.safetensors
 
 Depends on torch, the standard library and chapters 2, 6, 8, 9, 10, 12 and 13. safetensors
 (weights), tqdm (progress bars, through Chapter 8) and matplotlib (plots) are imported where
