@@ -38,7 +38,6 @@ import hashlib
 import html
 import importlib.util
 import itertools
-import json
 import logging
 import os
 import queue
@@ -218,7 +217,7 @@ def read_notebook(path: Path):
     large notebooks, and every build reads each chapter's)."""
     import nbformat
 
-    return nbformat.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    return nbformat.v4.reads(path.read_text(encoding="utf-8"))
 
 
 def older_notebook(page: Path) -> Path | None:

@@ -75,7 +75,9 @@ def executed(page):
         nbformat.v4.new_output("stream", name="stdout", text="".join(f"line {i}\n" for i in range(50))),
         nbformat.v4.new_output("stream", name="stdout", text="".join(f"line {i}\n" for i in range(50, 100))),
     ]
-    return blocks, nb
+    stored = page.with_suffix(".ipynb")  # as the tests store it, and as the build reads it
+    book_pages.save_executed(stored, nb)
+    return blocks, book_mkdocs.read_notebook(stored)
 
 
 @pytest.fixture
