@@ -453,6 +453,7 @@ class RerunItem(pytest.Item):
             pytest.skip("not run: the page's blocks did not all run")
         from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
+        self.user_properties.append(("wrote into the folder", [w.block.lineno for w in page.writers]))
         first_folder = page.folder
         for writer in page.writers:
             where = f"line {writer.block.lineno}"
@@ -524,7 +525,11 @@ class BookReport:
             if rest.startswith("line "):
                 self.pages[path][report.outcome] += 1
             elif rest == RerunItem.NAME:
-                self.reruns[path] = report.outcome
+                writers = dict(report.user_properties).get("wrote into the folder")
+                lines = ", ".join(map(str, writers or []))
+                self.reruns[path] = report.outcome + (
+                    "" if writers is None else f" (blocks that wrote into it: line{'s' * (len(writers) > 1)} {lines})" if writers
+                    else " (no block wrote into it)")
 
     def pytest_terminal_summary(self, terminalreporter):
         if self.exercises.tests and grading_exercises(self.config):

@@ -486,7 +486,7 @@ def test_a_page_must_run_again_in_the_same_folder(book_pytester, monkeypatch):
     ])
     result.stdout.fnmatch_lines(["*appends.md does not run twice in one folder*prints something else*", "-1 lines", "+2 lines"])
     assert "rewrites.md does not run twice" not in out
-    result.stdout.fnmatch_lines(["rewrites.md: 2 blocks: 2 passed, 0 failed, 0 skipped; run again in the same folder: passed"])
+    result.stdout.fnmatch_lines(["rewrites.md: 2 blocks: 2 passed, 0 failed, 0 skipped; run again in the same folder: passed (blocks that wrote into it: line 3)"])
     # The notebook kept for the site holds the first run's outputs.
     saved = list((book_pytester.path / "notebooks").glob("appends-*.ipynb"))
     assert len(saved) == 1 and "1 lines" in saved[0].read_text() and "2 lines" not in saved[0].read_text()
