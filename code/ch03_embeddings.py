@@ -17,7 +17,9 @@ Shapes: B batch, T sequence length, C model width, H heads, D head width, V voca
 Needs: nothing else from the book.
 """
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -479,14 +481,17 @@ def make_batch(task, batch_size, n, n_symbols, generator=None, device=None, lag=
 
 
 def train_position_model(encoding, task="shift", train_max_n=16, steps=200, n_symbols=16,
-                         batch_size=64, lr=1e-2, seed=0, **model_kwargs):
-    """Train a TinyPositionModel on task with n drawn from 1..train_max_n; return it."""
+                         batch_size=64, lr=1e-2, seed=0, losses=None, stop_after=None, **model_kwargs):
+    """Train a TinyPositionModel on task with n drawn from 1..train_max_n; return it.
+
+    losses: a list that receives the training loss of every step. stop_after ends the run
+    after that many steps (the learning-rate schedule is still that of `steps`)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = TinyPositionModel(encoding, n_symbols + 1, **model_kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         min_n = 4 if task == "shift" else 1  # shift needs n > lag = 3 to have any answer
         n = int(torch.randint(min_n, train_max_n + 1, (1,), generator=gen))
         inputs, targets = make_batch(task, batch_size, n, n_symbols, gen)
@@ -495,6 +500,10 @@ def train_position_model(encoding, task="shift", train_max_n=16, steps=200, n_sy
         loss.backward()
         opt.step()
         sched.step()
+        if losses is not None:
+            losses.append(loss.item())
+        if step == stop_after:
+            break
     return model
 
 
@@ -515,17 +524,44 @@ def accuracy_by_length(model, task, lengths, n_symbols=16, n_samples=256, seed=1
 
 # --8<-- [start:run-experiment]
 def run_position_experiment(encodings=ENCODINGS, task="shift", train_max_n=16,
-                            test_lengths=range(4, 49, 4), steps=200, seed=0):
+                            test_lengths=range(4, 49, 4), steps=200, seed=0, losses=None):
     """Train one tiny model per encoding on lengths <= train_max_n; test on test_lengths.
 
-    Returns {encoding: [accuracy for each test length]}. About 2-4 s per encoding on 2 cores.
+    Returns {encoding: [accuracy for each test length]}; losses (a dict) receives
+    {encoding: [training loss of each step]}. About 2-4 s per encoding on 2 cores.
     """
     results = {}
     for encoding in encodings:
-        model = train_position_model(encoding, task, train_max_n, steps, seed=seed)
+        curve = losses.setdefault(encoding, []) if losses is not None else None
+        model = train_position_model(encoding, task, train_max_n, steps, seed=seed, losses=curve)
         results[encoding] = accuracy_by_length(model, task, list(test_lengths))
     return results
 # --8<-- [end:run-experiment]
+
+
+# ---------------------------------------------------------------------------------------
+# Stored runs: a figure that needs training draws from a run the book stores in docs/data/
+# ---------------------------------------------------------------------------------------
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "docs" / "data"
+RECORD_COMMAND = ".venv/bin/python tests/benchmarks/figure_data.py {name}"  # writes docs/data/{name}.json
+
+
+def stored_run(name):
+    """The stored history docs/data/<name>.json that a figure is drawn from."""
+    path = DATA_DIR / f"{name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; write it with {RECORD_COMMAND.format(name=name)}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def position_experiment_history(test_lengths=range(4, 49, 4), steps=200, seed=0):
+    """The experiment of section 3.8 as stored for its figure: accuracy by test length and
+    the training loss of every step, for each encoding (about a minute on 2 cores)."""
+    losses = {}
+    accuracy = run_position_experiment(test_lengths=test_lengths, steps=steps, seed=seed, losses=losses)
+    return {"task": "shift", "train_max_n": 16, "steps": steps, "seed": seed,
+            "lengths": list(test_lengths), "accuracy": accuracy, "losses": losses}
 
 
 # ---------------------------------------------------------------------------------------
@@ -603,14 +639,15 @@ def plot_alibi_bias():
     return fig
 
 
-def plot_position_experiment():
-    """Accuracy by sequence length of the five tiny models (the small CPU experiment)."""
+def plot_position_experiment(run=None):
+    """Accuracy by sequence length of the five tiny models: the stored run of the experiment,
+    or `run`, a position_experiment_history()."""
     import matplotlib.pyplot as plt
 
-    lengths = list(range(4, 49, 4))
-    results = run_position_experiment(test_lengths=lengths)
+    run = run or stored_run("ch03_embeddings.position_experiment")
+    lengths = run["lengths"]
     fig, ax = plt.subplots(figsize=(9, 3.8))
-    for encoding, accs in results.items():
+    for encoding, accs in run["accuracy"].items():
         ax.plot(lengths, accs, marker="o", ms=3, label=encoding)
     ax.axvspan(0, 16, color="0.9", zorder=0, label="lengths seen in training")
     n = torch.arange(17, 49)  # right up to position 15, wrong after: 13 of n - 3 answers

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ch03_embeddings import SinusoidalPositionalEncoding, TokenEmbedding
+from ch03_embeddings import SinusoidalPositionalEncoding, TokenEmbedding, stored_run
 from ch04_attention import causal_mask
 from ch05_block import Block, make_norm
 
@@ -303,12 +303,13 @@ def exact_match(model, pairs, vocab, batch_size=500):
 
 
 def train_dates(config=None, steps=400, batch_size=128, peak_lr=3e-3, warmup=100, smoothing=0.1, seed=0,
-                log_every=50):
+                log_every=50, stop_after=None):
     """Train a Transformer to rewrite dates in ISO form; returns (model, vocab, history).
 
     Adam with the paper's betas, warmup then linear decay, label smoothing, fresh random
     pairs at every step (training dates only). The default model has no dropout: with fresh
     data at every step there is no overfitting to fight. history: a dict per log_every steps.
+    stop_after ends the run after that many steps, on the schedule of a `steps`-step run.
     """
     torch.manual_seed(seed)
     vocab = date_vocab()
@@ -330,6 +331,8 @@ def train_dates(config=None, steps=400, batch_size=128, peak_lr=3e-3, warmup=100
         if step % log_every == 0 or step == 1:
             history.append(dict(step=step, loss=loss.item(), lr=opt.param_groups[0]["lr"],
                                 seconds=time.perf_counter() - start))
+        if step == stop_after:
+            break
     model.eval()
     return model, vocab, history
 # --8<-- [end:train]
@@ -358,25 +361,43 @@ def plot_schedule():
     return fig
 
 
-def plot_cross_attention(model=None, vocab=None, examples=("5 March 2021", "7/14/1989", "Sep 7, 2045")):
-    """Cross-attention of the last decoder block (mean over heads) for a few dates: which
-    source characters each output character reads. Trains a short run if no model is given."""
-    import matplotlib.pyplot as plt
-
-    if model is None:  # one encoder and one decoder block, about 12 s of training: clear enough maps
-        vocab = date_vocab()
-        config = Seq2SeqConfig(len(vocab), n_encoder_layer=1, n_decoder_layer=1, dropout=0.0)
-        model, vocab, _ = train_dates(config, steps=300, batch_size=64, peak_lr=3e-3, warmup=75)
+def cross_attention_maps(model, vocab, examples):
+    """Greedy translations of the examples and the cross-attention of the last decoder block
+    (mean over heads): [{"source", "output", "weights": output x source}] for each example."""
     src, _, _ = encode_batch([(s, "") for s in examples], vocab)
     out = greedy_decode(model, src, vocab.BOS, vocab.EOS, max_new_tokens=11)
     tgt_in = torch.cat([torch.full((len(examples), 1), vocab.BOS), out[:, :-1]], dim=1)
     weights = model.cross_attention_weights(src, tgt_in)[-1].mean(dim=1)  # (B, T, S)
-    fig, axes = plt.subplots(1, len(examples), figsize=(4.2 * len(examples), 4.4))
-    for ax, w, source, row in zip(axes, weights, examples, out.tolist()):
+    maps = []
+    for w, source, row in zip(weights, examples, out.tolist()):
         output = vocab.decode(row)
-        ax.imshow(w[:len(output), :len(source)].numpy(), cmap="Blues", vmin=0)
-        ax.set_xticks(range(len(source)), list(source))
-        ax.set_yticks(range(len(output)), list(output))
-        ax.set(title=f"{source!r} -> {output!r}", xlabel="source character", ylabel="output character")
+        maps.append({"source": source, "output": output, "weights": w[:len(output), :len(source)].tolist()})
+    return maps
+
+
+def cross_attention_history(steps=300, seed=0, examples=("5 March 2021", "7/14/1989", "Sep 7, 2045"),
+                            stop_after=None):
+    """The run the cross-attention figure is drawn from: one encoder and one decoder block,
+    trained for `steps` (about 12 s on 2 cores); its loss at every step and its maps."""
+    vocab = date_vocab()
+    config = Seq2SeqConfig(len(vocab), n_encoder_layer=1, n_decoder_layer=1, dropout=0.0)
+    model, vocab, history = train_dates(config, steps=steps, batch_size=64, peak_lr=3e-3, warmup=75, seed=seed,
+                                        log_every=1, stop_after=stop_after)
+    return {"steps": steps, "seed": seed, "batch_size": 64, "peak_lr": 3e-3, "warmup": 75,
+            "losses": [record["loss"] for record in history], "maps": cross_attention_maps(model, vocab, examples)}
+
+
+def plot_cross_attention(run=None):
+    """Cross-attention maps of the stored run (or of `run`, a cross_attention_history()):
+    which source characters each output character reads."""
+    import matplotlib.pyplot as plt
+
+    maps = (run or stored_run("ch07_transformer.cross_attention"))["maps"]
+    fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 4.4))
+    for ax, m in zip(axes, maps):
+        ax.imshow(torch.tensor(m["weights"]).numpy(), cmap="Blues", vmin=0)
+        ax.set_xticks(range(len(m["source"])), list(m["source"]))
+        ax.set_yticks(range(len(m["output"])), list(m["output"]))
+        ax.set(title=f"{m['source']!r} -> {m['output']!r}", xlabel="source character", ylabel="output character")
     fig.tight_layout()
     return fig

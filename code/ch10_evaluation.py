@@ -35,6 +35,7 @@ from ch08_training import (CharTokenizer, TokenBatches, bits_per_byte, get_batch
                            model_from_checkpoint, perplexity, train)
 from ch09_generation import generate
 # --8<-- [end:imports]
+from ch03_embeddings import stored_run  # the runs the figures are drawn from
 
 
 # ---------------------------------------------------------------------------
@@ -494,31 +495,88 @@ def reference_diagnostics(ids, n_samples=8, n_tokens=100, seed=0):
 
 
 # ---------------------------------------------------------------------------
-# Figures (drawn at build time: each trains its own small model in seconds)
+# Stored runs of the figures: each *_history() trains and measures, and returns what its
+# figure draws (python tests/benchmarks/figure_data.py writes it to docs/data/); the plot_*
+# functions only draw from docs/data/, so building the book trains nothing.
 # ---------------------------------------------------------------------------
 
-def _tiny_docs_model():
-    """Chapter 8's "tiny" recipe trained on the characters of the Python docs:
-    (model, tokenizer, validation ids)."""
+def _tiny_docs_model(**settings):
+    """Chapter 8's "tiny" recipe (with settings overridden) trained on the characters of the
+    Python docs: (model, tokenizer, validation ids, history)."""
     text = python_docs_text()
     tokenizer = CharTokenizer.from_text(text)
     train_ids, val_ids = split_train_val(torch.tensor(tokenizer.encode(text)))
-    cfg = make_config("tiny", device="cpu")
-    model, _ = train_gpt(cfg, TokenBatches(train_ids, val_ids, cfg.model.block_size), tokenizer.vocab_size)
-    return model, tokenizer, val_ids
+    cfg = make_config("tiny", device="cpu", **settings)
+    model, history = train_gpt(cfg, TokenBatches(train_ids, val_ids, cfg.model.block_size), tokenizer.vocab_size)
+    return model, tokenizer, val_ids, history
 
 
-def plot_context_and_stride():
+def context_and_stride_history(strides=(64, 32, 16, 8, 4, 2, 1), **settings):
+    """The tiny model's loss by position in the window, and the held-out loss and cost by stride."""
+    model, _, val_ids, history = _tiny_docs_model(**settings)
+    return {"history": history, "by_position": loss_by_position(model, val_ids).tolist(),
+            "strides": stride_sweep(model, val_ids[:2000], list(strides))}
+
+
+def overfit_config(data, **overrides):
+    """A wide one-layer GPT, no weight decay: on a tiny text it has capacity to memorise."""
+    settings = dict(data=str(data), out_dir=None, n_layer=1, d_model=128, block_size=32, weight_decay=0.0,
+                    eval_interval=30, eval_iters=8, device="cpu")
+    return make_config("tiny", **{**settings, **overrides})
+
+
+def learning_curves_history(tiny_chars=3000, **settings):
+    """The same model and recipe (chapter 8's trainer) on the whole corpus and on a tiny slice:
+    [{"title", "history"}, ...] under "runs"."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = Path(tmp) / "tiny.txt"
+        tiny.write_text(python_docs_text()[:tiny_chars], encoding="utf-8")
+        runs = [("the Python docs: 420,000 training characters", overfit_config("python-docs", **settings)),
+                (f"the first {tiny_chars:,} characters, 70% of them for training",
+                 overfit_config(tiny, val_fraction=0.3, **settings))]
+        return {"tiny_chars": tiny_chars,
+                "runs": [{"title": title, "history": train(cfg, log=lambda s: None)} for title, cfg in runs]}
+
+
+# --8<-- [start:capstone]
+def capstone_history(data="python-docs", eval_interval=50, eval_iters=20, **settings):
+    """The history of a run of Chapter 8's capstone recipe (RECIPES["book"]) on ``data``;
+    settings override the recipe's (max_iters=5 runs only its first 5 iterations)."""
+    cfg = make_config("book", data=str(data), out_dir=None, eval_interval=eval_interval, eval_iters=eval_iters,
+                      sample_tokens=0, progress=False, device="cpu", **settings)
+    return train(cfg, log=lambda s: None)
+# --8<-- [end:capstone]
+
+
+SAMPLING_TEMPERATURES = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5]
+
+
+def sampling_diagnostics_history(top_ps=(1.0, 0.9, 0.5), **settings):
+    """The tiny model's sampling sweep (temperatures x top-p, samples left out) and the same
+    diagnostics of held-out text."""
+    model, tokenizer, val_ids, history = _tiny_docs_model(**settings)
+    prompt = tokenizer.encode("The ")
+    sweeps = {str(top_p): [{k: v for k, v in row.items() if k != "samples"}
+                           for row in sampling_sweep(model, prompt, [{"temperature": t, "top_p": top_p}
+                                                                     for t in SAMPLING_TEMPERATURES])]
+              for top_p in top_ps}
+    return {"history": history, "temperatures": SAMPLING_TEMPERATURES, "sweeps": sweeps,
+            "reference": reference_diagnostics(val_ids.tolist())}
+
+
+# ---------------------------------------------------------------------------
+# Figures, drawn from the stored runs (docs/data/ch10_evaluation.*.json) in a second
+# ---------------------------------------------------------------------------
+
+def plot_context_and_stride(run=None):
     """Loss against context length, and the held-out loss and cost against the stride."""
     import matplotlib.pyplot as plt
 
-    model, tokenizer, val_ids = _tiny_docs_model()
-    by_position = loss_by_position(model, val_ids)
-    strides = [64, 32, 16, 8, 4, 2, 1]
-    rows = stride_sweep(model, val_ids[:2000], strides)
-
+    run = run or stored_run("ch10_evaluation.context_and_stride")
+    by_position, rows = run["by_position"], run["strides"]
+    strides = [r["stride"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.plot(range(1, model.config.block_size + 1), by_position, "o-", ms=3)
+    ax1.plot(range(1, len(by_position) + 1), by_position, "o-", ms=3)
     ax1.set(xlabel="tokens of context (position in the window + 1)", ylabel="mean loss (nats per token)",
             title="More context, lower loss")
     ax1.grid(alpha=0.3)
@@ -536,53 +594,32 @@ def plot_context_and_stride():
     return fig
 
 
-def overfit_config(data, out_dir, **overrides):
-    """A wide one-layer GPT, no weight decay: on a tiny text it has capacity to memorise."""
-    settings = dict(data=str(data), out_dir=str(out_dir), n_layer=1, d_model=128, block_size=32,
-                    weight_decay=0.0, eval_interval=30, eval_iters=8, device="cpu")
-    return make_config("tiny", **{**settings, **overrides})
-
-
-def plot_learning_curves(tiny_chars=3000):
+def plot_learning_curves(run=None):
     """The same model and recipe (chapter 8's trainer) on the whole corpus and on a tiny slice."""
     import matplotlib.pyplot as plt
 
+    run = run or stored_run("ch10_evaluation.learning_curves")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        tiny = Path(tmp) / "tiny.txt"
-        tiny.write_text(python_docs_text()[:tiny_chars], encoding="utf-8")
-        runs = [("the Python docs: 420,000 training characters", overfit_config("python-docs", f"{tmp}/full")),
-                (f"the first {tiny_chars:,} characters, 70% of them for training",
-                 overfit_config(tiny, f"{tmp}/tiny", val_fraction=0.3))]
-        for ax, (title, cfg) in zip(axes, runs):
-            history = train(cfg, log=lambda s: None)
-            ax.plot(range(1, len(history["train"]) + 1), smooth(history["train"], 20), label="training (smoothed)")
-            steps, vals = zip(*history["val"])
-            ax.plot(steps, vals, "o-", ms=3, label="validation")
-            it, loss = best_checkpoint(history)
-            ax.plot([it], [loss], "*", ms=14, color="C3", label=f"lowest validation loss (iteration {it})")
-            ax.set(xlabel="iteration", title=title)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+    for ax, curve in zip(axes, run["runs"]):
+        history = curve["history"]
+        ax.plot(range(1, len(history["train"]) + 1), smooth(history["train"], 20), label="training (smoothed)")
+        steps, vals = zip(*history["val"])
+        ax.plot(steps, vals, "o-", ms=3, label="validation")
+        it, loss = best_checkpoint(history)
+        ax.plot([it], [loss], "*", ms=14, color="C3", label=f"lowest validation loss (iteration {it})")
+        ax.set(xlabel="iteration", title=curve["title"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     axes[0].set_ylabel("loss (nats per token)")
     fig.tight_layout()
     return fig
 
 
-# --8<-- [start:capstone]
-def capstone_history(data="python-docs", eval_interval=50, eval_iters=20):
-    """The history of a run of Chapter 8's capstone recipe (RECIPES["book"]) on ``data``."""
-    cfg = make_config("book", data=str(data), out_dir=None, eval_interval=eval_interval, eval_iters=eval_iters,
-                      sample_tokens=0, progress=False, device="cpu")
-    return train(cfg, log=lambda s: None)
-# --8<-- [end:capstone]
-
-
-def plot_capstone_curves():
+def plot_capstone_curves(run=None):
     """Chapter 8's capstone recipe: its learning curves and its generalisation gap."""
     import matplotlib.pyplot as plt
 
-    history = capstone_history()
+    history = run or stored_run("ch10_evaluation.capstone")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax1.plot(range(1, len(history["train"]) + 1), history["train"], color="C0", alpha=0.25, lw=0.8,
              label="training, every iteration")
@@ -603,17 +640,14 @@ def plot_capstone_curves():
     return fig
 
 
-def plot_sampling_diagnostics():
+def plot_sampling_diagnostics(run=None):
     """Distinct-2 and the repetition rate of samples against temperature, for three top-p."""
     import matplotlib.pyplot as plt
 
-    model, tokenizer, val_ids = _tiny_docs_model()
-    prompt = tokenizer.encode("The ")
-    temperatures = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5]
-    reference = reference_diagnostics(val_ids.tolist())
+    run = run or stored_run("ch10_evaluation.sampling_diagnostics")
+    temperatures, reference = run["temperatures"], run["reference"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for top_p in (1.0, 0.9, 0.5):
-        rows = sampling_sweep(model, prompt, [{"temperature": t, "top_p": top_p} for t in temperatures])
+    for top_p, rows in run["sweeps"].items():
         ax1.plot(temperatures, [r["distinct_2"] for r in rows], "o-", label=f"top-p {top_p}")
         ax2.plot(temperatures, [r["repetition_4"] for r in rows], "o-", label=f"top-p {top_p}")
     for ax, key, name in [(ax1, "distinct_2", "distinct-2"), (ax2, "repetition_4", "repetition rate of 4-grams")]:

@@ -6,12 +6,15 @@ RoPE in the style of Meta's original Llama code.
 """
 
 import math
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from ch03_embeddings import stored_run  # the book's stored runs, whatever --impl grades
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -450,3 +453,49 @@ def test_self_attention_combines_causal_mask_and_bias(ch):
     future = torch.ones(5, 5, dtype=torch.bool).triu(1)
     expected = F.scaled_dot_product_attention(x, x, x, attn_mask=bias.masked_fill(future, float("-inf")))
     torch.testing.assert_close(ch.self_attention(x, causal=True, bias=bias), expected)
+
+
+# ---------------------------------------------------------------------------------------
+# The stored run the experiment's figure is drawn from (docs/data/)
+# ---------------------------------------------------------------------------------------
+
+
+def test_stored_position_experiment_is_what_the_code_trains(ch):
+    """The figure of section 3.8 draws from a stored run: it has the experiment's fields and
+    shapes, supports the page's reading of it, and the first steps of every encoding, trained
+    again with the same seed, give its losses (so the figure cannot drift from the code)."""
+    run = stored_run("ch03_embeddings.position_experiment")
+    assert run["lengths"] == list(range(4, 49, 4)) and run["steps"] == 200 and run["seed"] == 0
+    assert list(run["accuracy"]) == list(ch.ENCODINGS) == list(run["losses"])
+    for encoding in ch.ENCODINGS:
+        assert len(run["accuracy"][encoding]) == len(run["lengths"])
+        assert all(0 <= a <= 1 for a in run["accuracy"][encoding])
+        assert len(run["losses"][encoding]) == run["steps"]
+        losses = []
+        ch.train_position_model(encoding, steps=run["steps"], seed=run["seed"], losses=losses, stop_after=10)
+        assert losses == pytest.approx(run["losses"][encoding][:10], rel=1e-4), encoding
+    accuracy = {encoding: dict(zip(run["lengths"], accs)) for encoding, accs in run["accuracy"].items()}
+    assert accuracy["learned"][16] > 0.9 and accuracy["learned"][48] < 0.6  # the page's reading
+    assert accuracy["rope"][16] > 0.9 and accuracy["rope"][48] > 0.75
+
+
+def test_a_missing_stored_run_says_which_command_writes_it():
+    with pytest.raises(FileNotFoundError, match=r"figure_data.py ch03_embeddings.no_such_run"):
+        stored_run("ch03_embeddings.no_such_run")
+
+
+def test_stop_after_ends_the_run_on_the_full_schedule(ch):
+    full, short = [], []
+    ch.train_position_model("rope", steps=20, losses=full)
+    ch.train_position_model("rope", steps=20, losses=short, stop_after=6)
+    assert len(full) == 20 and short == full[:6]
+
+
+def test_the_experiments_figure_draws_from_the_stored_run_in_a_moment(ch, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(ch, "train_position_model", lambda *args, **kwargs: pytest.fail("the figure trains"))
+    tick = time.process_time()  # CPU seconds: a busy machine does not make the check fail
+    fig = ch.plot_position_experiment()
+    assert time.process_time() - tick < 2.0 and len(fig.axes[0].lines) >= len(ch.ENCODINGS)
+    plt.close(fig)

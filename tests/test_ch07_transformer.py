@@ -7,14 +7,17 @@ library's datetime for the data.
 Run against your own module with: pytest tests/test_ch07_transformer.py --impl my_ch07.py
 """
 
+import contextlib
 import datetime
 import math
+import time
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ch03_embeddings import stored_run  # the book's stored runs, whatever --impl grades
 from ch05_block import load_torch_layer
 
 
@@ -268,3 +271,38 @@ def test_gpt_and_encoder_decoder_are_built_from_the_same_components(ch):
     assert shared <= set(gpt) & set(seq2seq)
     assert set(gpt) ^ set(seq2seq) == {"ch03_embeddings.LearnedPositionalEmbedding",
                                        "ch03_embeddings.SinusoidalPositionalEncoding"}
+
+
+def test_stored_cross_attention_run_is_what_the_code_trains(ch):
+    """The cross-attention figure draws from a stored run: its first steps, trained again with
+    the same seed, give the stored losses; its maps have one row per output character and one
+    column per source character, rows of attention weights sum to 1, and every translation is
+    the ISO date of its source (read here by datetime, not by the model)."""
+    run = stored_run("ch07_transformer.cross_attention")
+    assert len(run["losses"]) == run["steps"] == 300
+    fresh = ch.cross_attention_history(steps=run["steps"], seed=run["seed"], stop_after=5)
+    assert fresh["losses"] == pytest.approx(run["losses"][:5], rel=1e-4)
+    assert [m["source"] for m in fresh["maps"]] == [m["source"] for m in run["maps"]]
+    for m in run["maps"]:
+        weights = torch.tensor(m["weights"])
+        assert weights.shape == (len(m["output"]), len(m["source"]))
+        torch.testing.assert_close(weights.sum(-1), torch.ones(len(m["output"])), atol=1e-4, rtol=0)
+        assert m["output"] == iso_date(m["source"])
+
+
+def iso_date(source):
+    """The figure's sources read by datetime: "5 March 2021", "7/14/1989", "Sep 7, 2045"."""
+    for date_format in ("%d %B %Y", "%m/%d/%Y", "%b %d, %Y"):
+        with contextlib.suppress(ValueError):
+            return datetime.datetime.strptime(source, date_format).date().isoformat()
+    raise ValueError(f"not a date of the figure's formats: {source!r}")
+
+
+def test_the_cross_attention_figure_draws_from_the_stored_run_in_a_moment(ch, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(ch, "train_dates", lambda *args, **kwargs: pytest.fail("the figure trains"))
+    tick = time.process_time()  # CPU seconds: a busy machine does not make the check fail
+    fig = ch.plot_cross_attention()
+    assert time.process_time() - tick < 2.0 and len(fig.axes) == 3
+    plt.close(fig)

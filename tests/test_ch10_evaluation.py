@@ -7,6 +7,7 @@ Run against your own module with: pytest tests/test_ch10_evaluation.py --impl my
 
 import json
 import math
+import time
 import types
 from functools import partial
 
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import helpers
+from ch03_embeddings import stored_run  # the book's stored runs, whatever --impl grades
 from ch08_training import (CharTokenizer, lm_loss, load_run_tokenizer, load_token_file, make_config,
                            model_from_checkpoint, train)
 from ch09_generation import generate
@@ -482,3 +484,69 @@ def test_sampling_sweep_draws_with_chapter_9_generate_and_measures_what_it_drew(
 def test_reference_diagnostics_of_text_without_repeats(ch):
     diagnostics = ch.reference_diagnostics(list(range(1000)), n_samples=1, n_tokens=50)
     assert diagnostics == {"distinct_1": 1.0, "distinct_2": 1.0, "repetition_4": 0.0}
+
+
+# ---------------------------------------------------------------------------
+# The stored runs the figures are drawn from (docs/data/): each one's first iterations,
+# trained again with the same seed, give its stored losses, so a figure cannot drift from
+# the code; each figure draws in a moment, training nothing.
+# ---------------------------------------------------------------------------
+
+FIRST = dict(max_iters=3, eval_iters=0)  # the first 3 iterations of a run (same schedule), no evaluation
+
+
+def assert_training_prefix(fresh, stored, n=3):
+    assert fresh["train"] == pytest.approx(stored["train"][:n], rel=1e-4)
+
+
+def test_stored_capstone_run_is_chapter_8s_book_recipe(ch):
+    run = stored_run("ch10_evaluation.capstone")
+    recipe = make_config("book")
+    assert len(run["train"]) == recipe.max_iters
+    assert [it for it, _ in run["val"]] == list(range(50, recipe.max_iters + 1, 50))
+    assert_training_prefix(ch.capstone_history(**FIRST), run)
+
+
+def test_stored_learning_curves_are_the_overfitting_experiment(ch):
+    run = stored_run("ch10_evaluation.learning_curves")
+    fresh = ch.learning_curves_history(**FIRST)
+    assert [r["title"] for r in fresh["runs"]] == [r["title"] for r in run["runs"]]
+    for fresh_run, stored in zip(fresh["runs"], run["runs"]):
+        assert len(stored["history"]["train"]) == 300
+        assert_training_prefix(fresh_run["history"], stored["history"])
+    full, tiny = (ch.best_checkpoint(r["history"]) for r in run["runs"])
+    assert full[0] == 300 and tiny[0] < 150  # the page: only the tiny text overfits, early
+
+
+def test_stored_context_and_stride_run_is_the_tiny_docs_model(ch):
+    run = stored_run("ch10_evaluation.context_and_stride")
+    fresh = ch.context_and_stride_history(strides=(64,), **FIRST)
+    assert_training_prefix(fresh["history"], run["history"])
+    assert len(run["by_position"]) == len(fresh["by_position"]) == make_config("tiny").model.block_size
+    assert [r["stride"] for r in run["strides"]] == [64, 32, 16, 8, 4, 2, 1]
+    assert run["by_position"][0] > run["by_position"][-1]  # more context, lower loss
+    assert [r["positions"] for r in run["strides"]] == sorted(r["positions"] for r in run["strides"])
+
+
+def test_stored_sampling_diagnostics_are_the_tiny_docs_model(ch):
+    run = stored_run("ch10_evaluation.sampling_diagnostics")
+    fresh = ch.sampling_diagnostics_history(top_ps=(1.0,), **FIRST)
+    assert_training_prefix(fresh["history"], run["history"])
+    assert fresh["reference"] == run["reference"]  # pieces of the held-out text: no model involved
+    assert list(run["sweeps"]) == ["1.0", "0.9", "0.5"] and run["temperatures"] == fresh["temperatures"]
+    for rows in run["sweeps"].values():
+        assert [r["temperature"] for r in rows] == run["temperatures"]
+        assert all(0 <= r[key] <= 1 for r in rows for key in ("distinct_1", "distinct_2", "repetition_4"))
+
+
+@pytest.mark.parametrize("name", ["plot_context_and_stride", "plot_learning_curves", "plot_capstone_curves",
+                                  "plot_sampling_diagnostics"])
+def test_figures_draw_from_the_stored_runs_in_a_moment(ch, name, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    for trainer in ("train", "train_gpt"):
+        monkeypatch.setattr(ch, trainer, lambda *args, **kwargs: pytest.fail("the figure trains"))
+    tick = time.process_time()  # CPU seconds: a busy machine does not make the check fail
+    fig = getattr(ch, name)()
+    assert time.process_time() - tick < 2.0 and fig.axes and all(ax.lines for ax in fig.axes)
+    plt.close(fig)
