@@ -196,6 +196,7 @@ class KVCache:
     # Exercise 3: the KV cache's update
     def update(self, k, v):
         """Append the keys and values of T new tokens, k and v (B, Hkv, T, D), and return the
+    # --8<-- [end:kv-cache]
         keys and values of all seq_len + T tokens so far, each (B, Hkv, seq_len + T, D).
 
         Write them in place into self.k and self.v at positions seq_len ... seq_len + T - 1
@@ -216,6 +217,7 @@ class KVCache:
         """Forget every token (the buffers stay allocated)."""
         self.seq_len = 0
 
+    # --8<-- [start:kv-cache-rest]
     def reorder(self, index):
         """Keep the rows index (B,) of the batch, in that order: beam search's surviving beams."""
         n = self.seq_len
@@ -229,7 +231,7 @@ def make_kv_caches(model, batch_size, max_len=None):
     max_len = c.block_size if max_len is None else max_len
     return [KVCache(batch_size, c.n_kv_head or c.n_head, max_len, c.head_dim, weight.dtype, weight.device)
             for _ in model.blocks]
-# --8<-- [end:kv-cache]
+# --8<-- [end:kv-cache-rest]
 
 
 # --8<-- [start:cache-cost]
