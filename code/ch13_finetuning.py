@@ -490,6 +490,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
         self.merged = False
+    # --8<-- [end:lora]
 
     # --8<-- [start:exercise-2]
     # Exercise 2: the forward pass of a LoRA layer
@@ -503,9 +504,11 @@ class LoRALinear(nn.Module):
         return y + self.scaling * (self.dropout(x) @ self.lora_A.T) @ self.lora_B.T
     # --8<-- [end:exercise-2]
 
+    # --8<-- [start:lora-delta]
     def delta_weight(self):
         """The update of the weight, (alpha / r) B A: (N, K)."""
         return self.scaling * (self.lora_B @ self.lora_A)
+    # --8<-- [end:lora-delta]
 
     # --8<-- [start:exercise-3]
     # Exercise 3: merge the update into the weight
@@ -518,6 +521,7 @@ class LoRALinear(nn.Module):
         self.base.weight += self.delta_weight()
         self.merged = True
     # --8<-- [end:exercise-3]
+    # --8<-- [start:lora-rest]
 
     @torch.no_grad()
     def unmerge(self):
@@ -578,7 +582,7 @@ def finetuned_weights(model):
         if p.requires_grad and not name.endswith(("lora_A", "lora_B")):
             out[name] = p.detach()
     return {k: v.cpu().contiguous() for k, v in out.items()}
-# --8<-- [end:lora]
+# --8<-- [end:lora-rest]
 
 
 # ---------------------------------------------------------------------------------------
