@@ -729,8 +729,10 @@ def default_system_message(template):
     if found is None or CHATML_TEMPLATE.replace("SYSTEM", found.group(1)) != template:
         raise ValueError("this chat template is not the ChatML template that render_chat renders")
     return found.group(1)
+# --8<-- [end:chat-template]
 
 
+# --8<-- [start:exercise-3]
 # Exercise 3: render the chat template
 def render_chat(messages, default_system, add_generation_prompt=True):
     """The text of a conversation in ChatML, exactly as SmolLM2's Jinja template renders it.
@@ -749,7 +751,7 @@ def render_chat(messages, default_system, add_generation_prompt=True):
     if add_generation_prompt:
         text += "<|im_start|>assistant\n"
     return text
-# --8<-- [end:chat-template]
+# --8<-- [end:exercise-3]
 
 
 # ---------------------------------------------------------------------------------------
