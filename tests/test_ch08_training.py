@@ -281,9 +281,14 @@ def test_fetch_verifies_the_checksum_and_caches(ch, tmp_path):
 def test_shakespeare_falls_back_to_the_builtin_corpus_offline(ch, monkeypatch, tmp_path):
     monkeypatch.setattr(ch, "CACHE_DIR", tmp_path)
     monkeypatch.setattr(ch, "TINY_SHAKESPEARE_URL", (tmp_path / "missing.txt").as_uri())
-    with pytest.warns(UserWarning, match="could not get Tiny Shakespeare"):
-        text = ch.load_corpus("shakespeare")
+    with pytest.warns(UserWarning, match="could not get Tiny Shakespeare") as caught:
+        text, source = ch.read_corpus("shakespeare")
     assert text == ch.load_corpus("python-docs") and len(text) > 100_000
+    assert source == "Python documentation (built in), in place of Tiny Shakespeare (offline)"
+    advice = str(caught[0].message)  # what happened, and the three ways to fix it
+    for part in ["trains on the Python documentation", "--data PATH", "LLM_FROM_SCRATCH_CACHE",
+                 str(tmp_path / "tinyshakespeare.txt"), ch.TINY_SHAKESPEARE_URL]:
+        assert part in advice
 
 
 def test_unknown_corpus_is_a_clear_error(ch):
@@ -687,3 +692,190 @@ def test_a_loss_that_is_not_finite_stops_the_run(ch, tmp_path):
     with pytest.raises(FloatingPointError, match="iteration 4: the loss is inf"):
         ch.train(tiny_config(ch, tmp_path), loss_fn=blows_up_at_the_fourth_step, log=lambda s: None)
     assert not (tmp_path / "checkpoint.safetensors").exists()  # nothing good to keep yet
+
+
+# ---------------------------------------------------------------------------
+# Settings, texts and checkpoints that cannot work: one clear error, before any work
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(n_layer="two"), "n_layer must be a whole number, got 'two'"),
+    (dict(max_iters=3.5), "max_iters must be a whole number, got 3.5"),
+    (dict(progress="no"), "progress must be true or false, got 'no'"),  # a non-empty string is truthy
+    (dict(eval_interval=0), "eval_interval must be at least 1, got 0"),
+    (dict(grad_accum=0), "grad_accum must be at least 1, got 0"),
+    (dict(batch_size=-2), "batch_size must be at least 1, got -2"),
+    (dict(warmup_iters=-1), "warmup_iters must not be negative, got -1"),
+    (dict(lr=math.nan), "lr must be a finite number, got nan"),
+    (dict(beta2=1.0), "beta1 and beta2 must be in [0, 1)"),
+    (dict(precision="fp8"), "unknown precision 'fp8': choose one of auto, fp32, bf16, fp16"),
+    (dict(device="gpu"), "unknown device 'gpu'"),
+])
+def test_settings_that_cannot_work_are_refused_when_the_config_is_built(ch, settings, message):
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ch.make_config("tiny", **settings)
+
+
+def test_a_toml_file_of_the_wrong_types_and_abbreviated_flags_are_refused(ch, tmp_path):
+    config = tmp_path / "run.toml"
+    for line, message in [('n_layer = "two"', "n_layer must be a whole number"),
+                          ("max_iters = 3.5", "max_iters must be a whole number"),
+                          ('progress = "no"', "progress must be true or false")]:
+        config.write_text(line + "\n")
+        with pytest.raises(ValueError, match=message):
+            ch.parse_args(["--config", str(config)])
+    with pytest.raises(SystemExit):  # not taken for --max-iters
+        ch.parse_args(["--max-iter", "5"])
+    assert ch.make_config("tiny", eval_iters=0).eval_iters == 0  # 0: no validation loss, as documented
+
+
+def test_every_flag_has_help_and_its_default_from_the_dataclass_fields(ch):
+    import argparse
+
+    parser = ch.arg_parser()
+    flags = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+    assert len(flags) == len(ch.settings()) + 3  # --recipe, --config, --debug
+    defaults = ch.TrainConfig()
+    for field in ch.settings():
+        action = next(a for a in flags if a.dest == field.name)
+        value = getattr(defaults.model if field.name in ch.MODEL_SETTINGS else defaults, field.name)
+        assert action.help.startswith(field.metadata["help"].replace("%", "%%")), field.name
+        assert f"(default: {value}" in action.help, field.name
+    text = parser.format_help()
+    assert "python-docs (built in), shakespeare" in " ".join(text.split()) and "--debug" in text
+    assert "steps between evaluations, samples and checkpoints (default: 250, tiny: 100)" in " ".join(text.split())
+
+
+def test_texts_that_cannot_be_trained_on_are_refused_with_their_name(ch, tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café\n".encode("latin-1") * 100)
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text \(byte 3 cannot be decoded\)"):
+        ch.train(tiny_config(ch, tmp_path / "a", data=str(latin1)), log=lambda s: None)
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(128)) * 10)  # valid UTF-8, but NUL bytes
+    with pytest.raises(ValueError, match="weights.bin holds NUL bytes"):
+        ch.read_corpus(str(binary))
+    short = tmp_path / "short.txt"
+    short.write_text("to be or not to be\n" * 5)  # 95 characters: 10 for validation
+    with pytest.raises(ValueError, match=r"short.txt: its validation part has 10 characters, too few for "
+                                         r"windows of 17"):
+        ch.train(tiny_config(ch, tmp_path / "b", data=str(short)), log=lambda s: None)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "checkpoint.safetensors").exists()
+
+
+def test_the_command_line_prints_one_line_for_an_error_and_leaves_no_folder(ch, tmp_path, capsys):
+    run = tmp_path / "run"
+    for argv, message in [(["--data", "shakspeare"], "no corpus named 'shakspeare': use python-docs or shakespeare"),
+                          (["--eval-interval", "0"], "eval_interval must be at least 1"),
+                          (["--precision", "fp8"], "unknown precision 'fp8'")]:
+        assert ch.run_command(ch.main, argv + ["--out-dir", str(run)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {message}"), err
+        assert not run.exists()
+
+
+def crafted_checkpoint(ch, path, model, step=3, **config):
+    """A checkpoint as save_checkpoint writes it, with the model settings of its metadata
+    overridden (what a corrupted or malicious file could say)."""
+    cfg = dataclasses.asdict(ch.make_config("tiny"))
+    cfg["model"] = {**dataclasses.asdict(model.config), **config}
+    ch.save_checkpoint(path, model, ch.make_optimizer(model, ch.make_config("tiny")), step, torch.Generator(),
+                       {"config": cfg, "history": {"train": [], "val": []}})
+    return path
+
+
+def test_checkpoints_that_do_not_fit_get_one_clear_error(ch, tmp_path):
+    path = crafted_checkpoint(ch, tmp_path / "c.safetensors", tiny_gpt())
+    for other, message in [(tiny_gpt(d_model=64), r"of another shape tok_emb.weight \(50, 32\), not \(50, 64\)"),
+                           (tiny_gpt(n_layer=3), r"missing blocks\.2\.attn_norm\.weight"),
+                           (tiny_gpt(n_layer=1), r"unknown blocks\.1\.")]:
+        with pytest.raises(ValueError, match=rf"c.safetensors does not fit this model; tensors {message}"):
+            ch.load_checkpoint(path, other)
+    crafted_checkpoint(ch, path, tiny_gpt(), n_layer="two")
+    with pytest.raises(ValueError, match="metadata holds no valid configuration .n_layer must be a whole number"):
+        ch.model_from_checkpoint(path)
+    crafted_checkpoint(ch, path, tiny_gpt(), step="3")
+    with pytest.raises(ValueError, match="metadata is not what save_checkpoint writes"):
+        ch.load_checkpoint(path, tiny_gpt())
+
+
+def test_a_checkpoint_holding_nan_is_refused_with_the_tensors_name(ch, tmp_path):
+    model = tiny_gpt()
+    with torch.no_grad():
+        model.blocks[1].mlp.proj.weight[3, 4] = math.inf
+    path = crafted_checkpoint(ch, tmp_path / "c.safetensors", model)
+    with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.proj\.weight holds NaN or inf"):
+        ch.model_from_checkpoint(path)
+
+
+def test_a_model_too_large_for_memory_is_refused_from_the_metadata_alone(ch, tmp_path, monkeypatch):
+    from ch06_gpt import GPTConfig, gpt_num_parameters
+
+    path = crafted_checkpoint(ch, tmp_path / "c.safetensors", tiny_gpt(), d_model=2**20)  # a file of 200 kB
+    assert path.stat().st_size < 10**6
+
+    def never(config):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(ch, "GPT", never)
+    n = gpt_num_parameters(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=2**20))
+    with pytest.raises(MemoryError, match=rf"model of {n:,} parameters needs {4 * n / 2**30:,.1f} GiB"):
+        ch.model_from_checkpoint(path)
+    with pytest.raises(MemoryError, match="needs"):  # and a command line asking for it
+        ch.train(tiny_config(ch, tmp_path / "big", d_model=2**20, n_head=2), log=lambda s: None)
+
+
+def test_the_command_line_names_a_checkpoint_that_does_not_fit_in_one_line(ch, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ch.train(tiny_config(ch, tmp_path), stop_after=6, log=lambda s: None)
+    argv = [sys.executable, "code/ch08_training.py", "--recipe", "tiny", "--data", "python-docs", "--out-dir",
+            str(tmp_path), "--device", "cpu", "--n-layer", "2", "--d-model", "32", "--block-size", "16"]
+    done = subprocess.run(argv, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: {tmp_path / 'checkpoint.safetensors'} does not fit this model; tensors ")
+
+
+# ---------------------------------------------------------------------------
+# The stored run the chapter's loss figure is drawn from (docs/data/)
+# ---------------------------------------------------------------------------
+
+
+def test_the_stored_training_run_is_what_its_function_trains(ch):
+    from ch03_embeddings import stored_run
+
+    run = stored_run("ch08_training.training_run")
+    assert run["recipe"] == "tiny" and run["settings"] == ch.TRAINING_RUN
+    assert run["recorded"]["command"] == "python tests/benchmarks/figure_data.py ch08_training.training_run"
+    cfg = ch.make_config("tiny", **ch.TRAINING_RUN)
+    assert len(run["train"]) == cfg.max_iters and [s for s, _ in run["val"]] == list(range(50, 301, 50))
+    vocab = ch.CharTokenizer.from_text(ch.load_corpus(cfg.data)).vocab_size
+    assert run["val"][-1][1] < run["val"][0][1] < math.log(vocab)
+    again = ch.training_run_history(stop_after=5)  # the first iterations, trained again
+    torch.testing.assert_close(again["train"], run["train"][:5], rtol=0, atol=1e-4)
+
+
+def test_the_loss_figure_draws_the_stored_run_without_training(ch, monkeypatch):
+    from ch03_embeddings import stored_run
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the figure trained a model")
+
+    monkeypatch.setattr(ch, "train", no_training)
+    fig = ch.plot_training_run()
+    lines = fig.axes[0].get_lines()
+    assert list(lines[0].get_ydata()) == stored_run("ch08_training.training_run")["train"]
+
+
+def test_evaluation_lines_go_above_the_progress_bar(ch, tmp_path, monkeypatch):
+    from tqdm.auto import tqdm
+
+    written = []
+    monkeypatch.setattr(tqdm, "write", classmethod(lambda cls, s, *args, **kwargs: written.append(s)))
+    ch.train(tiny_config(ch, tmp_path, max_iters=6, eval_interval=3, sample_tokens=0, progress=True))
+    assert [line.split(":")[0] for line in written] == ["iter 3", "iter 6"]

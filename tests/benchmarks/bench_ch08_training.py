@@ -182,14 +182,16 @@ def breakdown(args):
         print(f"  machine: {n}x{n} fp32 matrix product {t.matmul_gflops(torch.float32, n=n):.1f} GFLOP/s")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("what", choices=["nanogpt", "recipe", "breakdown"])
     parser.add_argument("--data", default=str(SHARED) if SHARED.exists() else "shakespeare")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--minutes", type=float, default=10.0, help="recipe: length of the long run (0: none)")
     parser.add_argument("--skip-reference", action="store_true", help="recipe: don't run nanoGPT's recipe first")
-    args = parser.parse_args()
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, data {args.data}")
@@ -197,4 +199,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(t.run_command(main))
