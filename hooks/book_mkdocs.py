@@ -24,8 +24,10 @@ background thread (``Background``) draws the missing figures and executes the mi
 notebooks, one at a time, page by page in the order of the book (a page's figures, then its
 notebook). Until a figure is drawn the page shows a placeholder SVG saying so; until a
 notebook has run, its page shows the notebook of an older version of the page if .cache/
-has one (and says so), else the notebook without outputs and a note that it is still being
-executed. Placeholders rather than drawing figures first: a figure may train a model for
+has one (and says so), else a note that its outputs appear once the notebook has run; such
+a notebook gets no notebook page until then (mkdocs-jupyter takes 2-8 s of CPU to convert
+one chapter's notebook, about a minute for all of them, which is more than the first serve
+may take). Placeholders rather than drawing figures first: a figure may train a model for
 many seconds, and the reader should not wait for any of that before reading. Each finished
 job touches ``READY``, which the server watches, so the pages rebuild and fill in.
 """
@@ -463,8 +465,8 @@ def _add_notebook(files, config, page: Path, pending: list) -> None:
         error = background.failed.get(name)
         kind = "failed" if error else "older" if older else "running"
         state.update(kind=kind, error=error, path=older)
-        shown = read_notebook(older) if older else nb
-        files.append(_staged_notebook(config, uri, nb=_with_note(shown, _note(state, page))))
+        if older:  # a notebook that never ran is not published: converting it costs seconds
+            files.append(_staged_notebook(config, uri, nb=_with_note(read_notebook(older), _note(state, page))))
     _chapters[page.stem] = state
 
 

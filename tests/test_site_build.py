@@ -153,8 +153,8 @@ def test_serve_shows_the_page_at_once_and_runs_its_notebook_in_the_background(pa
     assert ran == []  # nothing ran before the page is served
     state = book_mkdocs._chapters[page.stem]
     assert state["kind"] == "running" and state["path"] is None
-    staged = nbformat.read(files[0].abs_src_path, as_version=4)
-    assert "still being executed" in staged.cells[1].source
+    assert files == []  # no notebook page until the notebook has run
+    assert "outputs appear once the notebook has run" in book_mkdocs._note(state, page)
     book_mkdocs._add_notebook([], config, page, [])  # a rebuild queues no second run
     assert book_mkdocs.background.jobs.qsize() == 1
 
