@@ -44,6 +44,7 @@ import logging
 import os
 import queue
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -188,6 +189,15 @@ def draw_figure(module: str, function: str) -> Path:
     return out
 
 
+def draw_figure_apart(module: str, function: str) -> None:
+    """``draw_figure`` in a process of its own, at low priority: in the server's process a
+    figure that trains a model would hold the GIL and stall the rebuilds of the pages."""
+    command = [sys.executable, __file__, "draw", module, function]
+    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=lambda: os.nice(10))
+    if done.returncode != 0:
+        raise RuntimeError((done.stderr.strip().splitlines() or ["no output"])[-1])
+
+
 def placeholder_svg(module: str, function: str) -> str:
     """What `mkdocs serve` shows while the background thread draws the figure."""
     text = html.escape(f"figure {module}.{function}() is being drawn; the page reloads when it is ready")
@@ -238,7 +248,8 @@ def execute_into_cache(page: Path, nb, path: Path) -> None:
             last[0] = time.monotonic()
             _log_progress(f"executing the notebook of {page.name}: cell {done}/{total}", started)
 
-    book_pages.save_executed(path, book_pages.execute_notebook(nb, progress))
+    niceness = 10 if _serving else 0  # the server's rebuilds come first
+    book_pages.save_executed(path, book_pages.execute_notebook(nb, progress, niceness))
 
 
 # ---------------------------------------------------------------------------
@@ -433,7 +444,7 @@ def _add_figures(files, config, figures: list[tuple[str, str]], group: str = "")
         uri = f"figures/{module}.{function}.svg"
         if _serving and (module, function) in missing:
             name = f"figure {module}.{function}() [{figure_key(module)}]"
-            background.submit(name, lambda m=module, f=function: draw_figure(m, f), group)
+            background.submit(name, lambda m=module, f=function: draw_figure_apart(m, f), group)
             files.append(File.generated(config, uri, content=placeholder_svg(module, function)))
             continue
         if (module, function) in missing:
@@ -591,3 +602,9 @@ def _match_toc_to_headings(toc, heading_ids: list[str]) -> None:
         if item.id not in heading_ids:
             item.id = next((i for i in heading_ids if i.startswith(item.id)), item.id)
         _match_toc_to_headings(item.children, heading_ids)
+
+
+if __name__ == "__main__":  # python hooks/book_mkdocs.py draw MODULE FUNCTION (draw_figure_apart)
+    if sys.argv[1:2] != ["draw"] or len(sys.argv) != 4:
+        sys.exit("usage: python hooks/book_mkdocs.py draw MODULE FUNCTION")
+    print(draw_figure(sys.argv[2], sys.argv[3]))

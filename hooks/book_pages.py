@@ -274,13 +274,19 @@ def kernel_env() -> dict[str, str]:
     return {**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
 
 
-def execute_notebook(nb, progress=None):
+def execute_notebook(nb, progress=None, niceness=0):
     """Run every cell (skip-execution cells excepted) in a fresh folder; fail on the first error.
 
-    ``progress(done, total)``, if given, is called after each code cell."""
+    ``progress(done, total)``, if given, is called after each code cell; a ``niceness`` > 0
+    lowers the kernel's priority (work in the background of `mkdocs serve`)."""
     total = sum(cell.cell_type == "code" for cell in nb.cells)
     with tempfile.TemporaryDirectory(prefix="book-page-", ignore_cleanup_errors=True) as workdir:
         client = notebook_client(nb, workdir)
+        if niceness:
+            def lower_priority(**_):
+                os.setpriority(os.PRIO_PROCESS, client.km.provisioner.pid, niceness)
+
+            client.on_notebook_start = lower_priority
         if progress is not None:
             done = iter(range(1, total + 1))
             client.on_cell_executed = lambda **_: progress(next(done, total), total)
