@@ -60,8 +60,7 @@ def check_offline(site: Path, failures: list) -> None:
         page.on("pageerror", lambda error: errors.append(str(error)))
         book_editions.open_typeset(page, url)
         math = page.locator("mjx-container").count()
-        page.click("label[for=__search]")
-        page.fill("input[data-md-component=search-query]", SEARCH_WORD)
+        page.locator("input[data-md-component=search-query]").fill(SEARCH_WORD)
         try:
             page.wait_for_selector(".md-search-result__item", timeout=20_000)
         except Exception:
