@@ -1,7 +1,7 @@
 """Check the editions of the built book: the offline site, the PDF and the downloads.
 
   * offline: a chapter opened from file:// in headless Chromium shows typeset math, requests
-    nothing but files, and its search box finds a word;
+    nothing but files, and its search box finds a word; it and its notebook show their figures;
   * PDF (downloads/llm-from-scratch.pdf): an outline entry per chapter, each chapter on its
     own pages and showing its title and page number, and no raw TeX or snippet markers in
     the text it was printed from (print.html, typeset by MathJax in Chromium);
@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "hooks"))
 import book_editions  # noqa: E402
 
 SEARCH_WORD = "softmax"
+BROKEN_IMAGES = "Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)"
 RAW_MARKUP = ["\\frac", "$$", "\\(", "\\[", "--8<--"]
 
 
@@ -66,7 +67,14 @@ def check_offline(site: Path, failures: list) -> None:
         except Exception:
             pass
         results = page.locator(".md-search-result__item").count()
+        broken = {}  # page -> images that did not load from file://
+        for name in ("chapters/ch01_backprop.html", "notebooks/ch01_backprop.html"):
+            page.goto((site / name).as_uri(), wait_until="load")
+            broken[name] = page.evaluate(BROKEN_IMAGES)
         browser.close()
+    for name, images in broken.items():
+        if images:
+            failures.append(f"offline: {name} shows {len(images)} broken images from file://, e.g. {images[:2]}")
     outside = [r for r in requests if urlparse(r).scheme not in ("file", "data", "blob", "about")]
     print(f"offline: {url} -> {math} typeset formulas, {results} search results for "
           f"{SEARCH_WORD!r}, {len(outside)} requests outside the files")
