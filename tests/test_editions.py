@@ -202,3 +202,11 @@ def test_chapter_links_join_the_line_of_links_under_the_title():
         '# Title\n\n<p class="book-links" markdown>[a](b) <a>c</a></p>\nText\n')
     assert book_editions._link_paragraph("# Title\nText\n", ["<a>c</a>"]) == (
         '# Title\n\n<p class="book-links" markdown><a>c</a></p>\nText\n')
+
+
+def test_the_pdf_is_skipped_with_a_reason(monkeypatch):
+    monkeypatch.setenv("BOOK_PDF", "0")
+    assert book_editions.pdf_tools_missing() == "BOOK_PDF=0"
+    monkeypatch.delenv("BOOK_PDF")
+    monkeypatch.setattr(book_editions, "CHROMIUM", "/nonexistent/chromium")
+    assert book_editions.pdf_tools_missing() == "no Chromium at /nonexistent/chromium"
