@@ -234,13 +234,13 @@ def main() -> int:
     shots = site.parent / ".cache" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     failures, crawler = check_links(site, base)
-    chapters = sorted(url for url in crawler.pages if urlparse(url).path.startswith("/chapters/"))
+    chapters = sorted(url for url in crawler.pages if urlparse(url).path.startswith("/chapters/ch"))
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        pages = {
+        pages = {  # pages are chapters/x/ or chapters/x.html (Material's offline plugin)
             "home": base,
-            "chapter": base + "chapters/ch01_backprop/",
-            "notebook": base + "notebooks/ch01_backprop/",
+            "chapter": next(url for url in chapters if "/chapters/ch01_backprop" in url),
+            "notebook": next(url for url in crawler.pages if "/notebooks/ch01_backprop" in url),
         }
         for name, url in pages.items():
             facts = check_page(browser, url, shots / f"{name}.png")

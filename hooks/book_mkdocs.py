@@ -42,6 +42,7 @@ import importlib.util
 import itertools
 import logging
 import os
+import posixpath
 import queue
 import re
 import subprocess
@@ -524,6 +525,12 @@ def on_files(files, config):
     return files
 
 
+def _download_url(files, stem: str) -> str | None:
+    """Where mkdocs-jupyter publishes a chapter's .ipynb: beside its notebook page's HTML."""
+    file = files.get_file_from_path(f"notebooks/{stem}.ipynb")
+    return posixpath.join(posixpath.dirname(file.dest_uri), f"{stem}.ipynb") if file else None
+
+
 def _link(page, files, path: str) -> str | None:
     """The address of the site file ``path`` relative to ``page``, if the site has it."""
     file = files.get_file_from_path(path)
@@ -536,7 +543,7 @@ def chapter_links(page, config, files) -> str:
     links = []
     notebook = _link(page, files, f"notebooks/{stem}.ipynb")  # the notebook's page
     if notebook:
-        download = get_relative_url(f"notebooks/{stem}/{stem}.ipynb", page.url)
+        download = get_relative_url(_download_url(files, stem), page.url)
         links.append(f'<a href="{notebook}">:material-notebook-outline: Notebook with outputs</a>')
         links.append(f'<a href="{download}" download>:material-download: Download .ipynb</a>')
         repo = config["extra"]["repository"]
@@ -583,7 +590,7 @@ def on_page_content(content: str, page, config, files):
         return fill_placeholders(content, _replacements.pop(page.file.src_uri))
     if page.file.src_uri.startswith("notebooks/") and page.file.src_uri.endswith(".ipynb"):
         stem = Path(page.file.src_uri).stem
-        download = get_relative_url(f"notebooks/{stem}/{stem}.ipynb", page.url)
+        download = get_relative_url(_download_url(files, stem), page.url)
         chapter = _link(page, files, f"{CHAPTERS}{stem}.md")
         links = [f'<a href="{download}" download>Download {stem}.ipynb</a>']
         if chapter:

@@ -199,11 +199,12 @@ def test_notebooks_carry_the_modules_without_section_markers():
 
 
 def test_chapter_links_resolve_from_the_chapter_page():
-    urls = {
-        "notebooks/ch01_backprop.ipynb": "notebooks/ch01_backprop/",  # the page mkdocs-jupyter makes
-        "starters/ch01_backprop.py": "starters/ch01_backprop.py",
+    urls = {  # (url, dest_uri); the notebook is the page mkdocs-jupyter makes of it
+        "notebooks/ch01_backprop.ipynb": ("notebooks/ch01_backprop/", "notebooks/ch01_backprop/index.html"),
+        "starters/ch01_backprop.py": ("starters/ch01_backprop.py", "starters/ch01_backprop.py"),
     }
-    files = SimpleNamespace(get_file_from_path=lambda path: SimpleNamespace(url=urls[path]) if path in urls else None)
+    files = SimpleNamespace(get_file_from_path=lambda path: SimpleNamespace(
+        url=urls[path][0], dest_uri=urls[path][1]) if path in urls else None)
     page = SimpleNamespace(file=SimpleNamespace(src_uri="chapters/ch01_backprop.md"), url="chapters/ch01_backprop/")
     config = {"extra": {"repository": "owner/book"}}
     line = book_mkdocs.chapter_links(page, config, files)
