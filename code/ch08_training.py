@@ -809,9 +809,10 @@ def refuse_other_data(out, record):
         ids = np.concatenate([load_token_file(out / "train.npy"), load_token_file(out / "val.npy")])
         recorded = corpus_record("its token files", tokenizer.decode(ids.tolist()), f"{out}/train.npy, val.npy")
     if recorded["sha256"] != record["sha256"]:
-        raise ValueError(f"{out} holds a run trained on {recorded['corpus']} ({recorded['source']}, "
-                         f"{recorded['chars']:,} characters), and --data {record['corpus']} is another text "
-                         f"({record['source']}, {record['chars']:,} characters): train on it in a new --out-dir")
+        raise ValueError(f"{out} holds a run trained on {recorded['source']} ({recorded['chars']:,} characters, "
+                         f"sha256 {recorded['sha256'][:12]}), and --data {record['corpus']} is another text "
+                         f"({record['chars']:,} characters, sha256 {record['sha256'][:12]}): train on it in a "
+                         "new --out-dir")
 
 
 def load_run_tokenizer(out_dir):
@@ -994,9 +995,9 @@ def _train(cfg, model, data, corpus, loss_fn, evaluate, stop_after, log, runtime
         loss_sum = runtime.mean(sum(loss / cfg.grad_accum for loss in losses))  # the whole batch's loss
         problem = not_finite(loss_sum, 0.0 if scale_loss else grad_norm, model)  # fp16: the scaler skips infs
         if problem:
-            raise FloatingPointError(f"iteration {it + 1}: {problem}. Stopped before updating the weights; "
-                                     + (f"{checkpoint} of iteration {saved} is kept. " if saved else "")
-                                     + NOT_FINITE_ADVICE)
+            kept = f"; the last good checkpoint, of iteration {saved}, is kept" if saved else ""
+            raise FloatingPointError(f"iteration {it + 1}: {problem}. The run stopped before updating the "
+                                     f"weights{kept}. {NOT_FINITE_ADVICE}")
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -636,7 +636,8 @@ def test_resuming_on_another_text_is_refused_and_leaves_the_folder_as_it_was(ch,
     run = tmp_path / "run"
     ch.train(tiny_config(ch, run, data=str(first)), stop_after=6, log=lambda s: None)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "train.lock"}
-    with pytest.raises(ValueError, match=r"trained on .*first.txt.*another text.*new --out-dir"):
+    with pytest.raises(ValueError, match=r"trained on .*first.txt \(2,700 characters, sha256 [0-9a-f]{12}\), "
+                                         r"and --data .*second.txt is another text.*new --out-dir"):
         ch.train(tiny_config(ch, run, data=str(second)), log=lambda s: None)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != "train.lock"} == before
     (run / "data.json").unlink()  # a folder written before runs recorded their data
@@ -674,7 +675,8 @@ def test_a_gradient_that_is_not_finite_stops_the_run_and_keeps_the_last_good_che
     model = tiny_gpt(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, d_model=32, n_head=2).train()
     ch.plant_nan(model.blocks[0].mlp.fc.weight, from_call=8)
     with pytest.raises(FloatingPointError, match=r"iteration 8: the gradient norm is nan, and the first gradient "
-                                                 r"that is not finite is blocks\.0\.mlp\.fc\.weight's.*iteration 6 "
+                                                 r"that is not finite is blocks\.0\.mlp\.fc\.weight's. The run stopped before "
+                                                 r"updating the weights; the last good checkpoint, of iteration 6, "
                                                  r"is kept.*--lr"):
         ch.train(cfg, model, data, log=lambda s: None)
     saved, info = ch.model_from_checkpoint(tmp_path / "checkpoint.safetensors")
