@@ -26,6 +26,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # the base of FlopCo
 
 from ch04_attention import repeat_kv
 from ch06_gpt import GPT, GPTConfig, flops_per_token
-from ch08_training import load_run_tokenizer, model_from_checkpoint, resolve_device
+from ch08_training import load_run_tokenizer, model_from_checkpoint, resolve_device, run_command, run_data_info
 # --8<-- [end:imports]
 
 
@@ -143,6 +144,9 @@ def sample(logits, generator=None):
     batch. None uses PyTorch's global generator.
     """
     probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
+    if not torch.isfinite(probs).all():  # torch.multinomial's own error would not say why
+        raise ValueError("the probabilities to sample from hold NaN or inf: the logits do, or overflowed "
+                         "(a temperature too close to 0 divides them into inf)")
     if isinstance(generator, (list, tuple)):
         if len(generator) != len(probs):
             raise ValueError(f"got {len(generator)} generators for {len(probs)} rows")
@@ -310,19 +314,32 @@ def decode_step(model, ids, positions, caches, qkv, padding_mask=None):
 
 
 # --8<-- [start:generate]
+SAMPLING_RULES = {  # what each setting of generate must be; None turns top_k and top_p off
+    "max_new_tokens": (lambda n: isinstance(n, int) and n >= 1, "a positive integer"),
+    "temperature": (lambda t: t >= 0, ">= 0 (0 = greedy)"),
+    "top_k": (lambda k: k is None or isinstance(k, int) and k >= 1, "a positive integer"),
+    "top_p": (lambda p: p is None or 0 < p <= 1, "in (0, 1]"),
+    "repetition_penalty": (lambda r: r > 0, "> 0 (1 = none)"),
+}
+
+
+def check_sampling(as_flags=False, **settings):
+    """Raise ValueError for the first setting that breaks its rule in SAMPLING_RULES; with
+    as_flags, name it as the command line does (--top-k, not top_k)."""
+    for name, value in settings.items():
+        valid, rule = SAMPLING_RULES[name]
+        if not valid(value):
+            shown = "--" + name.replace("_", "-") if as_flags else name
+            raise ValueError(f"{shown} must be {rule}, got {value!r}")
+
+
 def check_generate_args(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                         padding_mask, window_keep):
     """Raise ValueError, saying what is wrong, for arguments that generate cannot use."""
     if idx.dim() != 2 or idx.dtype != torch.long or idx.shape[1] == 0:
         raise ValueError(f"idx must be a non-empty (B, T) LongTensor of token ids, got {idx.dtype} {tuple(idx.shape)}")
-    if max_new_tokens < 0 or temperature < 0:
-        raise ValueError(f"max_new_tokens and temperature must be >= 0, got {max_new_tokens} and {temperature}")
-    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be positive (1 = none), got {repetition_penalty}")
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty)
     if model.training and model.config.dropout > 0:
         raise ValueError("the model is in training mode, so dropout is on: call model.eval() first")
     if window_keep is not None and not 1 <= window_keep <= model.config.block_size:
@@ -335,6 +352,31 @@ def check_generate_args(model, idx, max_new_tokens, temperature, top_k, top_p, r
                              "True up to the last column; left_pad() builds it")
 
 
+def crop_notice(prompt_len, block_size):
+    """The one-line notice that a prompt longer than the context loses its first tokens, or
+    None when it fits: the model reads only the last block_size tokens."""
+    if prompt_len <= block_size:
+        return None
+    return (f"the prompt has {prompt_len} tokens, more than the model's context of {block_size}: "
+            f"its first {prompt_len - block_size} tokens are dropped")
+
+
+def check_finite(logits, step):
+    """Refuse next-token logits (B, V) that hold NaN or inf (one cheap check per step): a
+    sample drawn from them would be garbage, or torch.multinomial's cryptic error."""
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"the logits of generation step {step} hold NaN or inf: the model's weights or "
+                         "its input hold NaN/inf (or its activations overflowed)")
+
+
+def with_room(buffer, n):
+    """buffer (B, L) with room for at least n columns: doubled when full, new columns True/1.
+    Memory grows with the tokens made, not with max_new_tokens, which may be huge."""
+    if n <= buffer.shape[1]:
+        return buffer
+    return torch.cat([buffer, buffer.new_ones(buffer.shape[0], max(n, 2 * buffer.shape[1]) - buffer.shape[1])], dim=1)
+
+
 def decode_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
                   repetition_penalty=1.0, eos_id=None, generator=None, use_cache=True,
                   padding_mask=None, window_keep=None, lean_step=True):
@@ -344,8 +386,9 @@ def decode_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, to
     idx (B, T): prompts, left-padded with padding_mask (B, T) (True = real token) when their
     lengths differ. A row that has produced eos_id is finished and gets eos_id from then on;
     the stream ends early when every row is finished. The model reads the window
-    tokens[start:n]: when it would exceed block_size, only its last window_keep tokens
-    (default block_size // 2) are kept, and with use_cache they are run again (re-prefill).
+    tokens[start:n]: a prompt longer than block_size loses its first tokens (with a warning);
+    when the window would exceed block_size, only its last window_keep tokens (default
+    block_size // 2) are kept, and with use_cache they are run again (re-prefill).
     With use_cache, the prompt (and a slid window) runs through GPT.forward, which fills the
     caches, and every later token through decode_step, or GPT.forward if lean_step is False.
     """
@@ -354,18 +397,19 @@ def decode_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, to
     B, T = idx.shape
     block = model.config.block_size
     keep = block // 2 if window_keep is None else window_keep
-    tokens = idx.new_empty(B, T + max_new_tokens)  # every token so far, written in place
-    tokens[:, :T] = idx
-    mask = None
-    if padding_mask is not None:  # new tokens are real: the mask grows with ones
-        mask = padding_mask.new_ones(B, T + max_new_tokens)
-        mask[:, :T] = padding_mask
+    if notice := crop_notice(T, block):
+        warnings.warn(notice, stacklevel=2)
+    room = T + min(max_new_tokens, block)  # grows (with_room) as tokens come
+    tokens = with_room(idx, room)  # every token so far, written in place (a copy: room > T)
+    mask = None if padding_mask is None else with_room(padding_mask, room)  # new tokens are real
     caches = make_kv_caches(model, B, min(block, T + max_new_tokens)) if use_cache else None
     qkv = [fused_qkv(b.attn) for b in model.blocks] if use_cache and lean_step else None
     done = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_id is not None else None
     start = max(0, T - block)  # the model reads tokens[:, start:n]
     fed = start  # with a cache: tokens[:, start:fed] are in it
     for n in range(T, T + max_new_tokens):  # n tokens so far
+        tokens = with_room(tokens, n + 1)
+        mask = None if mask is None else with_room(mask, n + 1)
         if n - start > block:  # the window is full: slide it
             start = fed = n - keep
             for cache in caches or ():
@@ -380,6 +424,7 @@ def decode_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, to
         else:
             last_logits = model(tokens[:, start:n], padding_mask=window_mask)[0][:, -1]
         fed = n
+        check_finite(last_logits, n - T + 1)
         next_id = next_token(last_logits, tokens[:, :n], mask[:, :n] if mask is not None else None,
                              temperature=temperature, top_k=top_k, top_p=top_p,
                              repetition_penalty=repetition_penalty, generator=generator)  # (B,)
@@ -464,6 +509,7 @@ def beam_search(model, idx, max_new_tokens, beam_width=4, *, length_penalty=1.0,
     feed, finished = beams, []  # finished: (score, ids) pairs
     for step in range(1, max_new_tokens + 1):
         logits, _ = model(feed, kv_caches=caches)
+        check_finite(logits[:, -1], step)
         logprobs = F.log_softmax(logits[:, -1].float(), dim=-1)  # (k, V)
         V = logprobs.shape[-1]
         # The 2k best of the k * V continuations: at most k end with eos (one per beam).
@@ -658,10 +704,23 @@ def load_trained(out_dir, device="cpu"):
                                     f"python code/ch08_training.py --out-dir {out}")
     try:
         tokenizer = load_run_tokenizer(out)
-        model, _ = model_from_checkpoint(checkpoint)
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{out} does not hold a checkpoint of Chapter 8's trainer: {error}") from None
+        raise ValueError(f"{vocabulary} is not the tokenizer of Chapter 8's trainer: {error!r}") from None
+    model, _ = model_from_checkpoint(checkpoint)  # its errors name the file and what is wrong with it
+    if tokenizer.vocab_size != model.config.vocab_size:  # files of two different runs
+        raise ValueError(f"{vocabulary} has {tokenizer.vocab_size} tokens but the model in {checkpoint} "
+                         f"has {model.config.vocab_size}: they do not come from the same run")
     return model.to(device), tokenizer
+
+
+def describe_run_data(out_dir):
+    """What a run folder records of the text it was trained on, in a few words."""
+    info = run_data_info(out_dir)
+    if info is None:
+        return "unknown (the folder has no record of its data: an older trainer wrote it)"
+    home = str(Path.home())
+    source = "~" + info["source"][len(home):] if info["source"].startswith(home + "/") else info["source"]
+    return f"{info['corpus']} ({source})"
 # --8<-- [end:load]
 
 
@@ -672,7 +731,8 @@ def unescape(text):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Generate text with a GPT trained by Chapter 8's trainer.")
+    parser = argparse.ArgumentParser(description="Generate text with a GPT trained by Chapter 8's trainer.",
+                                     allow_abbrev=False)
     parser.add_argument("--out-dir", required=True, help="the trainer's folder (checkpoint and tokenizer)")
     parser.add_argument("--prompt", default="\\n", help=r"text to continue; escapes such as \n work (default: \n)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
@@ -684,33 +744,41 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=None, help="for reproducible samples")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--no-cache", action="store_true", help="recompute everything at every step")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser.parse_args(argv)
 
 
+def print_warning(message, category, filename, lineno, file=None, line=None):
+    """warnings.showwarning for the command line: one line on stderr, without the source."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv=None, out=None):
-    """The command line: print the prompt, then stream the continuation as it is made."""
+    """The command line: print the prompt, then stream the continuation as it is made.
+    Errors are exceptions: run_command prints them in one line."""
     args = parse_args(argv)
+    check_sampling(as_flags=True, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty)
     device = resolve_device(args.device)
-    try:
-        model, tokenizer = load_trained(args.out_dir, device)
-        prompt = unescape(args.prompt)
-        encode_prompt(tokenizer, prompt)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model, tokenizer = load_trained(args.out_dir, device)
+    print(f"run trained on: {describe_run_data(args.out_dir)}", file=sys.stderr)
     generator = torch.Generator(device=device)
     if args.seed is None:
         generator.seed()  # a fresh random seed
     else:
         generator.manual_seed(args.seed)
-    out = out or sys.stdout
-    out.write(prompt)
-    for piece in stream_text(model, tokenizer, prompt, args.max_new_tokens, stop=[unescape(s) for s in args.stop],
+    prompt, out = unescape(args.prompt), out or sys.stdout
+    with warnings.catch_warnings():
+        warnings.showwarning = print_warning  # e.g. a prompt cropped to the context, in one line
+        pieces = stream_text(model, tokenizer, prompt, args.max_new_tokens, stop=[unescape(s) for s in args.stop],
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              repetition_penalty=args.repetition_penalty, generator=generator,
-                             use_cache=not args.no_cache):
-        out.write(piece)
-        out.flush()  # show each character as soon as it exists
+                             use_cache=not args.no_cache)
+        first = next(pieces, "")  # runs the prompt: its warnings and errors come before any text
+        out.write(prompt + first)
+        for piece in pieces:
+            out.write(piece)
+            out.flush()  # show each character as soon as it exists
     out.write("\n")
     return 0
 # --8<-- [end:cli]
@@ -837,4 +905,4 @@ def plot_cache_speedup():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

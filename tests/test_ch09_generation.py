@@ -9,8 +9,11 @@ Run against your own module with: pytest tests/test_ch09_generation.py --impl my
 """
 
 import itertools
+import json
 import math
 import os
+import shutil
+import warnings
 import subprocess
 import sys
 from functools import partial
@@ -25,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ch07_transformer as ch07
 from ch06_gpt import GPT, GPTConfig, to_hf_gpt2
+from ch08_training import run_command
 import helpers
 from helpers import ListCache, tiny_train_settings
 
@@ -294,7 +298,68 @@ def test_sliding_window_equals_an_uncached_reference_cropping_the_same_way(ch, v
         out = ch.generate(model, prompt, 70, temperature=0, window_keep=keep)  # the window slides 3+ times
         assert torch.equal(out, sliding_reference(model, prompt, 70, keep or 16)), keep
     long_prompt = torch.randint(0, 97, (1, 45), generator=torch.Generator().manual_seed(3))  # > block_size
-    assert torch.equal(ch.generate(model, long_prompt, 10, temperature=0), sliding_reference(model, long_prompt, 10, 16))
+    with pytest.warns(UserWarning, match="the prompt has 45 tokens"):
+        out = ch.generate(model, long_prompt, 10, temperature=0)
+    assert torch.equal(out, sliding_reference(model, long_prompt, 10, 16))
+
+
+def test_a_prompt_longer_than_the_context_is_cropped_with_a_warning(ch):
+    model = tiny_gpt()  # block_size 32
+    prompt = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    for use_cache in (True, False):
+        with pytest.warns(UserWarning) as caught:
+            out = ch.generate(model, prompt, 3, temperature=0, use_cache=use_cache)
+        assert [str(w.message) for w in caught] == [
+            "the prompt has 40 tokens, more than the model's context of 32: its first 8 tokens are dropped"]
+        assert torch.equal(out[:, :40], prompt)  # what is dropped is the start of the model's input only
+        assert torch.equal(out[:, 40:], ch.generate(model, prompt[:, 8:], 3, temperature=0)[:, 32:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a prompt that fits, even when generation slides past the context
+        ch.generate(model, prompt[:, :32], 40, temperature=0)
+
+
+def test_non_finite_logits_are_refused_at_the_step_they_appear(ch):
+    model, idx = tiny_gpt(), torch.tensor([[1, 2, 3]])
+    calls = []
+
+    def nan_from_third_step(module, inputs, output):
+        calls.append(1)
+        return output.fill_(float("nan")) if len(calls) >= 3 else output
+
+    hook = model.lm_head.register_forward_hook(nan_from_third_step)
+    for options in (dict(temperature=0), dict(temperature=0.8, top_k=5), dict(use_cache=False)):
+        calls.clear()
+        with pytest.raises(ValueError, match=r"step 3 hold NaN or inf: the model's weights or its input"):
+            ch.generate(model, idx, 5, **options)
+    hook.remove()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("inf")  # token 0's logit is +-inf from step 1
+    for options in (dict(temperature=0), dict(temperature=1.0)):
+        with pytest.raises(ValueError, match="step 1 hold NaN or inf"):
+            ch.generate(model, idx, 5, **options)
+    with pytest.raises(ValueError, match="step 1 hold NaN or inf"):
+        ch.beam_search(model, idx, 5)
+
+
+def test_sampling_refuses_probabilities_that_overflowed(ch):
+    logits = torch.tensor([[3.0, 1.0, -2.0]])
+    with pytest.raises(ValueError, match="probabilities to sample from hold NaN or inf"):
+        ch.next_token(logits, temperature=1e-40)  # logits / 1e-40 overflow float32 to inf
+    with pytest.raises(ValueError, match="probabilities to sample from hold NaN or inf"):
+        ch.sample(torch.tensor([[0.0, float("nan")]]), [torch.Generator()])
+
+
+def test_memory_follows_the_tokens_made_not_max_new_tokens(ch, monkeypatch):
+    model, idx = tiny_gpt(), torch.tensor([[1, 2, 3]])
+    sizes = []
+    make_kv_caches = ch.make_kv_caches
+    monkeypatch.setattr(ch, "make_kv_caches", lambda m, b, n=None: sizes.append(n) or make_kv_caches(m, b, n))
+    huge = 10**15  # 8 PB of token ids if allocated up front
+    with torch.inference_mode():
+        stream = ch.generate_stream(model, idx, huge, temperature=0)
+        first = torch.stack(list(itertools.islice(stream, 70)), dim=1)  # past the context: the window slides
+    assert torch.equal(first, ch.generate(model, idx, 70, temperature=0)[:, 3:])
+    assert sizes == [32, 32]  # the KV cache never holds more than the context
 
 
 def test_keeping_a_full_window_is_chapter_6s_crop_at_every_step(ch):
@@ -365,6 +430,9 @@ def test_clear_errors(ch):
                           (dict(padding_mask=torch.tensor([[1, 1, 1]])), "bool")):
         with pytest.raises(ValueError, match=match):
             ch.generate(model, idx, 5, **kwargs)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be a positive integer, got {bad}"):
+            ch.generate(model, idx, bad)
     with pytest.raises(ValueError, match="LongTensor"):
         ch.generate(model, idx.float(), 5)
     with pytest.raises(ValueError, match="eval"):
@@ -565,18 +633,125 @@ def test_command_line_stop_string(ch, trained, capsys):
         assert capsys.readouterr().out == full[:full.find(stop, 1)] + "\n"
 
 
-def test_command_line_errors_are_clear(ch, trained, tmp_path, capsys):
-    assert ch.main(["--out-dir", str(tmp_path / "nothing")]) == 2
-    assert "checkpoint.safetensors does not exist" in capsys.readouterr().err
+def run_cli(ch, argv, capsys):
+    """(exit status, stdout, stderr) of the command line, run as `python ch09_generation.py` runs it."""
+    status = run_command(ch.main, argv)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_error_line(status, err, *fragments):
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert status == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert err.endswith(errors[0] + "\n"), err  # the error is the last thing printed
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+
+
+def copy_run(trained, folder, edit=lambda tensors, info: None, data_record=True):
+    """A copy of the trained run in folder, with edit(tensors, metadata) applied to its checkpoint."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    for name in ["tokenizer.json"] + ["data.json"] * data_record:
+        shutil.copy(trained / name, folder / name)
+    with safe_open(str(trained / "checkpoint.safetensors"), framework="pt") as f:
+        tensors, info = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["book"])
+    edit(tensors, info)
+    save_file(tensors, folder / "checkpoint.safetensors", metadata={"book": json.dumps(info)})
+    return folder
+
+
+def block_weight(tensors):
+    return next(k for k, v in tensors.items() if k.startswith("model.blocks.0.") and v.dim() == 2)
+
+
+def test_command_line_says_what_the_run_was_trained_on(ch, trained, tmp_path, capsys):
+    args = ["--prompt", "a", "--max-new-tokens", "3"]
+    status, out, err = run_cli(ch, ["--out-dir", str(trained), *args], capsys)
+    assert status == 0 and len(out) == 1 + 3 + 1
+    assert err == "run trained on: python-docs (Python documentation (built in))\n"
+    old = copy_run(trained, tmp_path / "old", data_record=False)  # a folder from before data.json
+    status, _, err = run_cli(ch, ["--out-dir", str(old), *args], capsys)
+    assert status == 0 and err.startswith("run trained on: unknown (") and err.count("\n") == 1
+
+
+def test_command_line_warns_in_one_line_that_a_long_prompt_is_cropped(ch, trained, capsys):
+    prompt = "The quick brown fox."  # 20 characters, 20 tokens; the context holds 16
+    status, out, err = run_cli(ch, ["--out-dir", str(trained), "--prompt", prompt, "--max-new-tokens", "5"], capsys)
+    assert status == 0 and out.startswith(prompt) and len(out) == 20 + 5 + 1
+    assert err.splitlines()[1:] == ["warning: the prompt has 20 tokens, more than the model's context of 16: "
+                                    "its first 4 tokens are dropped"]
+
+
+def test_command_line_errors_are_one_clear_line(ch, trained, tmp_path, capsys):
+    status, out, err = run_cli(ch, ["--out-dir", str(tmp_path / "nothing")], capsys)
+    assert_one_error_line(status, err, "checkpoint.safetensors does not exist", "python code/ch08_training.py")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "tokenizer.json").write_bytes((trained / "tokenizer.json").read_bytes())
     (bad / "checkpoint.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a checkpoint")
-    assert ch.main(["--out-dir", str(bad)]) == 2
-    assert "not a checkpoint" in capsys.readouterr().err
-    assert ch.main(["--out-dir", str(trained), "--prompt", "caf\u00e9 \u2603"]) == 2
-    err = capsys.readouterr().err
-    assert "not in the model's vocabulary" in err and "'\u2603'" in err
+    assert_one_error_line(*run_cli(ch, ["--out-dir", str(bad)], capsys)[::2], "not a checkpoint")
+    status, out, err = run_cli(ch, ["--out-dir", str(trained), "--prompt", "caf\u00e9 \u2603"], capsys)
+    assert_one_error_line(status, err, "not in the model's vocabulary", "'\u2603'")
+    assert out == ""  # nothing printed before the error
+
+
+def test_command_line_refuses_a_tokenizer_of_another_run(ch, trained, tmp_path, capsys):
+    other = copy_run(trained, tmp_path / "other")
+    chars = json.loads((trained / "tokenizer.json").read_text())["chars"]
+    (other / "tokenizer.json").write_text(json.dumps({"chars": chars[:-1]}))
+    status, _, err = run_cli(ch, ["--out-dir", str(other)], capsys)
+    assert_one_error_line(status, err, f"has {len(chars) - 1} tokens", f"has {len(chars)}")
+
+
+def missing_tensor(tensors, info):
+    del tensors[block_weight(tensors)]
+
+
+def extra_tensor(tensors, info):
+    tensors["model.blocks.9.extra.weight"] = torch.zeros(2, 2)
+
+
+def misshaped_tensor(tensors, info):
+    key = block_weight(tensors)
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+
+
+def nan_weight(tensors, info):
+    tensors[block_weight(tensors)][0, 0] = float("nan")
+
+
+def metadata_of_the_wrong_type(tensors, info):
+    info["config"]["model"]["n_layer"] = "one"
+
+
+@pytest.mark.parametrize("damage", [missing_tensor, extra_tensor, misshaped_tensor, nan_weight,
+                                    metadata_of_the_wrong_type])
+def test_command_line_refuses_a_damaged_checkpoint_in_one_line(ch, trained, tmp_path, capsys, damage):
+    damaged = copy_run(trained, tmp_path / damage.__name__, damage)
+    status, out, err = run_cli(ch, ["--out-dir", str(damaged), "--max-new-tokens", "5"], capsys)
+    assert_one_error_line(status, err, str(damaged))
+    assert out == ""
+
+
+@pytest.mark.parametrize("flag, value, rule", [
+    ("--max-new-tokens", "0", "a positive integer"), ("--temperature", "-0.5", ">= 0 (0 = greedy)"),
+    ("--top-k", "0", "a positive integer"), ("--top-p", "1.5", "in (0, 1]"), ("--top-p", "0", "in (0, 1]"),
+    ("--repetition-penalty", "0", "> 0 (1 = none)"), ("--temperature", "nan", ">= 0 (0 = greedy)")])
+def test_command_line_refuses_flags_out_of_range_in_one_line(ch, trained, capsys, flag, value, rule):
+    status, out, err = run_cli(ch, ["--out-dir", str(trained), flag, value], capsys)
+    assert_one_error_line(status, err, f"{flag} must be {rule}, got ")
+    assert out == "" and "run trained on" not in err  # refused before the model is loaded
+
+
+def test_command_line_debug_shows_the_traceback_and_flags_are_not_abbreviated(ch, trained, tmp_path, capsys):
+    status, _, err = run_cli(ch, ["--out-dir", str(tmp_path / "nothing"), "--debug"], capsys)
+    assert status == 1 and "Traceback" in err and "FileNotFoundError" in err
+    with pytest.raises(SystemExit) as exit_:  # --max-new would be taken for --max-new-tokens with abbreviations
+        ch.parse_args(["--out-dir", str(trained), "--max-new", "5"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --max-new" in capsys.readouterr().err
 
 
 def test_command_line_runs_as_a_script(ch, trained):
