@@ -26,13 +26,14 @@ import dataclasses
 import datetime
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ch06_gpt import GPT, GPTConfig, flops_per_token, gpt_num_parameters
-from ch08_training import SingleProcess, get_batch, parse_args, resolve_device
+from ch08_training import SingleProcess, get_batch, parse_args, resolve_device, run_command
 from ch08_training import train as train_loop  # Chapter 8's loop, which train() below reuses
 # --8<-- [end:imports]
 
@@ -481,4 +482,4 @@ def plot_memory_by_stage():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from ch02_tokenizer import GPT2_PATTERN, Tokenizer, atomic_path, bytes_to_unicode, python_docs_text
 from ch03_embeddings import interleaved_to_half_permutation
 from ch06_gpt import GPT, GPTConfig
-from ch08_training import CACHE_DIR, CharTokenizer
-from ch09_generation import generate_stream
+from ch08_training import CACHE_DIR, CharTokenizer, run_command
+from ch09_generation import check_sampling, generate_stream
 from ch10_evaluation import evaluate_text, multiple_choice_accuracy
 # --8<-- [end:imports]
 
@@ -1262,9 +1262,11 @@ def compare_variants(load, tokenizer, text, stride, block_size, tasks=None, kind
 
 # --8<-- [start:cli]
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="SmolLM2-135M-Instruct with the book's code.")
+    parser = argparse.ArgumentParser(description="SmolLM2-135M-Instruct with the book's code.", allow_abbrev=False)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
-    chat = commands.add_parser("chat", help="chat with the model (a REPL, or one answer with --prompt)")
+    chat = commands.add_parser("chat", help="chat with the model (a REPL, or one answer with --prompt)",
+                               allow_abbrev=False)
     chat.add_argument("--prompt", help="answer this one message and exit")
     chat.add_argument("--system", help="the system message (default: the one in the model's chat template)")
     chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
@@ -1275,10 +1277,11 @@ def parse_args(argv=None):
     chat.add_argument("--checkpoint", help="a safetensors file of fine-tuned weights (see load_weights)")
     chat.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization of the linear layers")
     chat.add_argument("--device", default="cpu")
-    evaluate = commands.add_parser("evaluate", help="perplexity and accuracy of fp32, int8 and int4 weights")
+    evaluate = commands.add_parser("evaluate", help="perplexity and accuracy of fp32, int8 and int4 weights",
+                                   allow_abbrev=False)
     evaluate.add_argument("--chars", type=int, default=20_000, help="characters of held-out text to score")
     evaluate.add_argument("--block-size", type=int, default=512)
-    commands.add_parser("fetch", help="download the model file into the cache folder")
+    commands.add_parser("fetch", help="download the model file into the cache folder", allow_abbrev=False)
     return parser.parse_args(argv)
 
 
@@ -1327,18 +1330,18 @@ def typed_lines(inp, out):
 
 
 def main(argv=None, inp=None, out=None):
+    """The command line. Errors are exceptions: run_command prints them in one line."""
     args = parse_args(argv)
     inp, out = inp or sys.stdin, out or sys.stdout
-    try:
-        if args.command == "fetch":
-            out.write(f"{smollm2_path()}\n")
-            return 0
-        if args.command == "evaluate":
-            return evaluate_command(args, out)
-        model, tokenizer = load_smollm2(args.checkpoint, args.device)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.command == "fetch":
+        out.write(f"{smollm2_path()}\n")
+        return 0
+    if args.command == "evaluate":
+        return evaluate_command(args, out)
+    check_sampling(as_flags=True, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    if not args.max_new_tokens < args.context:  # checked before the model is loaded
+        raise ValueError(f"--context ({args.context}) must be larger than --max-new-tokens ({args.max_new_tokens})")
+    model, tokenizer = load_smollm2(args.checkpoint, args.device)
     if args.quantize:
         quantize_model(model, bits=int(args.quantize[3:]))
     chat_loop(model, tokenizer, args, inp, out)
@@ -1438,4 +1441,4 @@ def plot_block_size():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

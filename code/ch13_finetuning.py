@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ch02_tokenizer import write_atomically
-from ch08_training import CACHE_DIR, fetch, make_config, next_token_loss, train
+from ch08_training import CACHE_DIR, fetch, make_config, next_token_loss, run_command, train
 from ch09_generation import generate, left_pad
 from ch10_evaluation import evaluating, evaluate_text, multiple_choice_accuracy, pad_right, token_logprobs
 from ch12_pretrained import (default_system_message, held_out_text, load_smollm2, question_tasks,
@@ -895,9 +895,11 @@ ABLATION = [  # (trainable, pooling, weights): the rows that cache their frozen 
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Fine-tune SmolLM2-135M-Instruct with Chapter 8's train.")
+    parser = argparse.ArgumentParser(description="Fine-tune SmolLM2-135M-Instruct with Chapter 8's train.",
+                                     allow_abbrev=False)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
-    classify = commands.add_parser("classify", help="a spam classifier, with its baselines")
+    classify = commands.add_parser("classify", help="a spam classifier, with its baselines", allow_abbrev=False)
     classify.add_argument("--trainable", choices=TRAINABLE, default="last-block")
     classify.add_argument("--pooling", choices=sorted(POOLINGS), default="last")
     classify.add_argument("--weights", choices=("pretrained", "random"), default="pretrained")
@@ -907,7 +909,7 @@ def parse_args(argv=None):
                           help="at most this many iterations for the rows that run the whole model (all, lora); "
                                "0 leaves those rows out of --ablation")
     classify.add_argument("--limit", type=int, default=None, help="use only the first N messages of each split")
-    sft = commands.add_parser("sft", help="supervised fine-tuning on chat examples")
+    sft = commands.add_parser("sft", help="supervised fine-tuning on chat examples", allow_abbrev=False)
     sft.add_argument("--task", choices=("arithmetic", "instructions"), default="arithmetic")
     sft.add_argument("--method", choices=("lora", "full"), default="lora")
     sft.add_argument("--steps", type=int, default=200)
@@ -1009,13 +1011,22 @@ def sft_command(args):
     return summary
 
 
+def check_positive(args, names):
+    """A clear error for a count, size or rate that must be positive, before any model loads.
+    names: attributes of args; those the command does not have are skipped."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
 def main(argv=None):
+    """The command line. Errors are exceptions: run_command prints them in one line."""
     args = parse_args(argv)
-    try:
-        return classify_command(args) if args.command == "classify" else sft_command(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    check_positive(args, ["epochs", "limit", "steps", "lora_rank", "lora_alpha", "n_train", "n_test",
+                          "batch_size", "lr"])
+    (classify_command if args.command == "classify" else sft_command)(args)
+    return 0
 # --8<-- [end:cli]
 
 
@@ -1065,4 +1076,4 @@ def plot_sft_losses(paths=(DATA_DIR / "ch13_sft_arithmetic_lora.json", DATA_DIR 
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

@@ -45,12 +45,12 @@ import torch.nn.functional as F
 
 from ch02_tokenizer import write_atomically
 from ch06_gpt import GPT, GPTConfig
-from ch08_training import CharTokenizer, make_config, next_token_loss, train
+from ch08_training import CharTokenizer, make_config, next_token_loss, run_command, train
 from ch09_generation import generate, left_pad
 from ch10_evaluation import evaluating, pad_right, token_logprobs
 from ch12_pretrained import load_smollm2
 from ch13_finetuning import (GPTClassifier, SFTBatches, add_lora, arithmetic_examples, chat_prompt,
-                             check_answer, count_parameters, finetuned_weights, hidden_states,
+                             check_answer, check_positive, count_parameters, finetuned_weights, hidden_states,
                              knowledge_scores, peak_memory_mb, response_ids, save_weights,
                              write_summary)
 # --8<-- [end:imports]
@@ -622,15 +622,18 @@ def save_policy(model, path, init=None, **metadata):
 
 # --8<-- [start:cli]
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Preference and reward training of SmolLM2 on the arithmetic task.")
+    parser = argparse.ArgumentParser(description="Preference and reward training of SmolLM2 on the arithmetic task.",
+                                     allow_abbrev=False)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
-    reward = commands.add_parser("reward", help="a reward model trained on on-policy pairs (Bradley-Terry)")
+    reward = commands.add_parser("reward", help="a reward model trained on on-policy pairs (Bradley-Terry)",
+                                 allow_abbrev=False)
     reward.add_argument("--steps", type=int, default=300)
-    dpo = commands.add_parser("dpo", help="DPO on on-policy pairs scored by the verifier")
+    dpo = commands.add_parser("dpo", help="DPO on on-policy pairs scored by the verifier", allow_abbrev=False)
     dpo.add_argument("--beta", type=float, default=0.1)
     dpo.add_argument("--steps", type=int, default=20)
     dpo.add_argument("--average", action="store_true", help="length-normalised log-probabilities")
-    grpo = commands.add_parser("grpo", help="GRPO with the verifier's reward")
+    grpo = commands.add_parser("grpo", help="GRPO with the verifier's reward", allow_abbrev=False)
     grpo.add_argument("--beta", type=float, default=0.04, help="weight of the KL penalty (k3)")
     grpo.add_argument("--steps", type=int, default=20)
     grpo.add_argument("--group-size", type=int, default=8)
@@ -675,7 +678,7 @@ def load_pairs(args, model, task, train_set):
     return pairs, stats
 
 
-def run_command(args):
+def preference_command(args):
     """One run: the model before, the training, the model after, the weights saved."""
     model, tokenizer = load_smollm2(args.init, args.device)
     task = ChatTask(tokenizer)
@@ -737,12 +740,12 @@ def reward_run(gpt, pairs, steps=300, batch_size=16, lr=1e-4, seed=123, log=prin
 
 
 def main(argv=None):
+    """The command line. Errors are exceptions: run_command prints them in one line."""
     args = parse_args(argv)
-    try:
-        run_command(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    check_positive(args, ["steps", "batch_size", "lr", "n_train", "n_test", "group_size", "updates_per_batch",
+                          "clip", "prompts", "samples"])
+    preference_command(args)
+    return 0
 # --8<-- [end:cli]
 
 
@@ -817,4 +820,4 @@ def plot_kl_estimators():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

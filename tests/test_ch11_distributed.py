@@ -432,6 +432,19 @@ def test_exercise_3_bytes_per_parameter_matches_real_sharding(ch, two_ranks):
 # ---------------------------------------------------------------------------
 
 
+def test_cli_errors_are_one_line_without_a_traceback(ch, tmp_path, capsys):
+    missing = ["--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "run"), "--device", "cpu"]
+    assert ch08_training.run_command(ch.main, missing) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no corpus named") and err.count("\n") == 1 and "Traceback" not in err
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(CODE_DIR), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, ch.__file__, *missing], env=env, capture_output=True, text=True,
+                         timeout=WORKER_TIMEOUT_S)  # the script ends with run_command too
+    assert run.returncode == 1 and run.stderr == err, run.stderr
+
+
+
 def test_cli_under_torchrun_then_resume_in_one_process(ch, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     flags = ["--recipe", "tiny", "--data", "python-docs", "--n-layer", "1", "--d-model", "32", "--block-size", "16",

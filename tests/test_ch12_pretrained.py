@@ -581,6 +581,24 @@ def test_offline_without_the_file_the_error_names_the_command(ch, tmp_path, caps
         ch.smollm2_path(tmp_path, download=False)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--temperature", "-1"], "--temperature must be >= 0 (0 = greedy), got -1.0"),
+    (["--max-new-tokens", "300", "--context", "256"], "--context (256) must be larger than --max-new-tokens (300)")])
+def test_the_command_line_refuses_bad_flags_in_one_line_before_loading_the_model(ch, capsys, flags, message):
+    from ch08_training import run_command
+
+    assert run_command(ch.main, ["chat", "--prompt", "Hi", *flags]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {message} (--debug shows the traceback)\n"
+    with pytest.raises(SystemExit):  # no abbreviations: --temp is not taken for --temperature
+        ch.parse_args(["chat", "--temp", "0"])
+    assert "unrecognized arguments: --temp" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ch.parse_args(["--help"])
+    assert "--debug " in capsys.readouterr().out
+
+
 def test_a_bad_wheel_is_refused(ch, tmp_path):
     import zipfile
 

@@ -620,6 +620,21 @@ def test_the_command_line_parses_both_commands(ch):
         ch.parse_args(["classify", "--trainable", "everything"])
 
 
+@pytest.mark.parametrize("argv, message", [(["sft", "--steps", "0"], "--steps must be positive, got 0"),
+                                           (["classify", "--batch-size", "-2"], "--batch-size must be positive, got -2")])
+def test_the_command_line_refuses_bad_flags_in_one_line_before_loading_the_model(ch, capsys, argv, message):
+    from ch08_training import run_command
+
+    assert run_command(ch.main, argv) == 1
+    assert capsys.readouterr().err == f"error: {message} (--debug shows the traceback)\n"
+    with pytest.raises(SystemExit):  # no abbreviations: --step is not taken for --steps
+        ch.parse_args(["sft", "--step", "5"])
+    assert "unrecognized arguments: --step" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ch.parse_args(["--help"])
+    assert "--debug " in capsys.readouterr().out
+
+
 def test_load_finetuned_says_what_to_run_when_the_file_is_missing(ch, tmp_path):
     with pytest.raises(FileNotFoundError, match="ch13_finetuning.py sft"):
         ch.load_finetuned(tmp_path / "missing.safetensors")

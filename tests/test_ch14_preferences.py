@@ -669,3 +669,18 @@ def test_stored_runs_are_read_by_the_figures_and_a_missing_one_says_how_to_make_
     (tmp_path / "grpo.json").write_text(json.dumps(run))
     fig = ch.plot_grpo_run(tmp_path / "grpo.json")
     assert [list(line.get_ydata()) for line in fig.axes[1].lines] == [[3.0, 2.5]]
+
+
+@pytest.mark.parametrize("argv, message", [(["grpo", "--group-size", "0"], "--group-size must be positive, got 0"),
+                                           (["dpo", "--lr", "0"], "--lr must be positive, got 0.0")])
+def test_the_command_line_refuses_bad_flags_in_one_line_before_loading_the_model(ch, capsys, argv, message):
+    from ch08_training import run_command
+
+    assert run_command(ch.main, argv) == 1
+    assert capsys.readouterr().err == f"error: {message} (--debug shows the traceback)\n"
+    with pytest.raises(SystemExit):  # no abbreviations: --group is not taken for --group-size
+        ch.parse_args(["grpo", "--group", "4"])
+    assert "unrecognized arguments: --group" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ch.parse_args(["--help"])
+    assert "--debug " in capsys.readouterr().out
