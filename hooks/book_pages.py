@@ -56,12 +56,27 @@ class Block:
 
 
 @functools.cache
+def site_config():
+    """mkdocs.yml, as MkDocs reads it."""
+    from mkdocs.config import load_config
+
+    return load_config(str(ROOT / "mkdocs.yml"))
+
+
+def site_uses_directory_urls() -> bool:
+    """Whether pages are published as folders (chapters/x/) or files (chapters/x.html):
+    Material's offline plugin, when enabled, turns directory URLs off."""
+    config = site_config()
+    offline = config.plugins.get("material/offline")
+    return config["use_directory_urls"] and not (offline and offline.config.enabled)
+
+
+@functools.cache
 def _snippets():
     """The pymdownx.snippets preprocessor configured exactly as in mkdocs.yml."""
     import markdown
-    from mkdocs.config import load_config
 
-    config = load_config(str(ROOT / "mkdocs.yml"))
+    config = site_config()
     md = markdown.Markdown(
         extensions=config["markdown_extensions"], extension_configs=config["mdx_configs"]
     )
@@ -148,18 +163,24 @@ def _notebook_markdown(page: Path) -> str:
 RELATIVE_LINK = re.compile(r"\]\((?![a-z]+:|#|/)(?P<path>[^)#\s]+)(?P<fragment>#[^)\s]*)?\)")
 
 
-def notebook_links(text: str, page: Path) -> str:
-    """The relative links of page text, as seen from the site's notebook page, notebooks/<page>/:
-    a link to a page (``ch02_tokenizer.md#x``) becomes that page's address
-    (``../../chapters/ch02_tokenizer/#x``), any other file keeps its name (figures, data)."""
+def notebook_links(text: str, page: Path, directory_urls: bool | None = None) -> str:
+    """The relative links of page text, as seen from the site's notebook page (notebooks/<page>/
+    or notebooks/<page>.html, as mkdocs.yml has it): a link to a page (``ch02_tokenizer.md#x``)
+    becomes that page's address (``../../chapters/ch02_tokenizer/#x`` or
+    ``../chapters/ch02_tokenizer.html#x``), any other file keeps its name (figures, data)."""
     here = page.parent.relative_to(DOCS_DIR).as_posix() if DOCS_DIR in page.parents else "."
+    if directory_urls is None:
+        directory_urls = site_uses_directory_urls()
+    up = "../../" if directory_urls else "../"
 
     def relink(match):
         target = posixpath.normpath(posixpath.join(here, match["path"]))
-        if target.endswith(".md"):  # a page: its directory URL
+        if target.endswith(".md") and directory_urls:  # a page: its address
             target = target[: -len(".md")]
             target = target[: -len("index")] if target.endswith("index") else target + "/"
-        return f"](../../{target}{match['fragment'] or ''})"
+        elif target.endswith(".md"):
+            target = target[: -len(".md")] + ".html"
+        return f"]({up}{target}{match['fragment'] or ''})"
 
     return RELATIVE_LINK.sub(relink, text)
 

@@ -233,10 +233,12 @@ def test_the_server_rebuilds_once_a_page_is_complete_not_after_each_job(tmp_path
 def test_notebook_links_lead_to_the_site_pages_and_code_keeps_its_brackets(tmp_path):
     chapter = book_pages.DOCS_DIR / "chapters" / "ch09_any.md"
     text = "See [Chapter 2](ch02_tokenizer.md#bpe), [data](../data/run.json) and [here](#top)."
-    assert book_pages.notebook_links(text, chapter) == (
+    assert book_pages.notebook_links(text, chapter, directory_urls=True) == (
         "See [Chapter 2](../../chapters/ch02_tokenizer/#bpe), [data](../../data/run.json) and [here](#top).")
+    assert book_pages.notebook_links(text, chapter, directory_urls=False) == (
+        "See [Chapter 2](../chapters/ch02_tokenizer.html#bpe), [data](../data/run.json) and [here](#top).")
     page = tmp_path / "page.md"
     page.write_text('# T\n\n[a](b.md)\n\n```python\ncalls = {"n": len}\nprint(calls["n"]("ab"))\n```\n')
     nb = book_pages.page_notebook(page)  # raises if a cell differs from its block
     assert [c.source for c in nb.cells if c.cell_type == "code"] == ['calls = {"n": len}\nprint(calls["n"]("ab"))']
-    assert "[a](../../b/)" in nb.cells[0].source
+    assert "[a](../b.html)" in nb.cells[0].source or "[a](../../b/)" in nb.cells[0].source
