@@ -398,12 +398,12 @@ NOTES = {
     "failed": "The code of this page failed to run, so it shows no outputs: {error}. "
               "Run `pytest {page}` to see where.",
 }
-_chapters: dict[str, dict] = {}
+_chapters: dict[str, dict] = {}  # page stem -> what on_files learned about its notebook
 
 
 def _note(state: dict, page: Path) -> str:
     error = html.escape((state.get("error") or "").split("\n")[0])
-    return NOTES[state["kind"]].format(error=error, page=f"docs/{CHAPTERS}{page.name}")  # page stem -> what on_files learned about its notebook
+    return NOTES[state["kind"]].format(error=error, page=f"docs/{CHAPTERS}{page.name}")
 
 
 def _staged_notebook(config, uri: str, path: Path | None = None, nb=None) -> File:
@@ -551,7 +551,8 @@ def chapter_links(page, config, files) -> str:
         links.append(f'<a href="{colab}">:simple-googlecolab: Open in Colab</a>')
     starter_file = _link(page, files, f"starters/{stem}.py")
     if starter_file:
-        links.append(f'<a href="{starter_file}" download>:material-pencil-outline: Starter file for the exercises</a>')
+        links.append(f'<a href="{starter_file}" download>'
+                     ":material-pencil-outline: Starter file for the exercises</a>")
     return '<p class="book-links" markdown>' + " ".join(links) + "</p>" if links else ""
 
 
