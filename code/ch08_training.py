@@ -1203,6 +1203,10 @@ def run_command(main, argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output left (| head): end quietly
+        with contextlib.suppress(Exception):  # no flush at exit into the closed pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as error:  # one clear line; the traceback is one flag away
         if debug:
             traceback.print_exc()

@@ -881,3 +881,21 @@ def test_evaluation_lines_go_above_the_progress_bar(ch, tmp_path, monkeypatch):
     monkeypatch.setattr(tqdm, "write", classmethod(lambda cls, s, *args, **kwargs: written.append(s)))
     ch.train(tiny_config(ch, tmp_path, max_iters=6, eval_interval=3, sample_tokens=0, progress=True))
     assert [line.split(":")[0] for line in written] == ["iter 3", "iter 6"]
+
+
+def test_a_command_piped_into_a_reader_that_leaves_ends_quietly():
+    # `... | head -1`: the pipe closes while the command still prints
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys; sys.path.insert(0, 'code'); from ch08_training import run_command\n"
+              "def main(argv):\n    for _ in range(100_000): print('x' * 80)\n"
+              "sys.exit(run_command(main, []))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader leaves
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0
+    assert stderr == "", stderr
