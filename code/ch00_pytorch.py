@@ -28,7 +28,9 @@ def pairwise_sq_distances(x, y):
     same number of columns.
     """
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"expected x (N, D) and y (M, D), got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"expected x (N, D) and y (M, D), got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     diff = x[:, None, :] - y[None, :, :]  # (N, 1, D) - (1, M, D) -> (N, M, D)
     return (diff**2).sum(dim=-1)  # (N, M)
 # --8<-- [end:exercise-1]
@@ -82,7 +84,9 @@ class Affine(nn.Module):
     def __init__(self, n_in, n_out, generator=None):
         super().__init__()
         bound = 1 / n_in**0.5  # nn.Linear's initial range
-        self.weight = nn.Parameter(torch.empty(n_out, n_in).uniform_(-bound, bound, generator=generator))
+        self.weight = nn.Parameter(
+            torch.empty(n_out, n_in).uniform_(-bound, bound, generator=generator)
+        )
         self.bias = nn.Parameter(torch.zeros(n_out))
 
     def forward(self, x):

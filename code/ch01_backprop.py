@@ -367,7 +367,11 @@ def make_spiral(n_per_class, n_classes=3, noise=0.2, seed=0):
     g = torch.Generator().manual_seed(seed)
     radius = torch.linspace(0.05, 1, n_per_class).repeat(n_classes)
     label = torch.arange(n_classes).repeat_interleave(n_per_class)
-    angle = label * (2 * math.pi / n_classes) + radius * 4 + noise * torch.randn(len(label), generator=g)
+    angle = (
+        label * (2 * math.pi / n_classes)
+        + radius * 4
+        + noise * torch.randn(len(label), generator=g)
+    )
     points = torch.stack([radius * torch.sin(angle), radius * torch.cos(angle)], dim=1)
     return points, label
 # --8<-- [end:spiral]
@@ -484,7 +488,9 @@ def plot_value_mlp():
 
     gx, gy, region = _decision_grid(predict, points, steps=40)
     ax_map.contourf(gx, gy, region.float(), levels=[-0.5, 0.5, 1.5], alpha=0.25, cmap="coolwarm")
-    ax_map.scatter(points[:, 0], points[:, 1], c=labels, cmap="coolwarm", s=12, edgecolors="k", linewidths=0.3)
+    ax_map.scatter(
+        points[:, 0], points[:, 1], c=labels, cmap="coolwarm", s=12, edgecolors="k", linewidths=0.3
+    )
     ax_map.set(title="Decision boundary", xticks=[], yticks=[])
     fig.tight_layout()
     return fig
@@ -501,7 +507,9 @@ def plot_tensor_mlp():
     ax_loss.set(xlabel="gradient-descent step", ylabel="cross-entropy", title="Training loss")
     gx, gy, region = _decision_grid(model.predict, points)
     ax_map.contourf(gx, gy, region, levels=[-0.5, 0.5, 1.5, 2.5], alpha=0.25, cmap="viridis")
-    ax_map.scatter(points[:, 0], points[:, 1], c=labels, cmap="viridis", s=10, edgecolors="k", linewidths=0.3)
+    ax_map.scatter(
+        points[:, 0], points[:, 1], c=labels, cmap="viridis", s=10, edgecolors="k", linewidths=0.3
+    )
     ax_map.set(title="Decision regions", xticks=[], yticks=[])
     fig.tight_layout()
     return fig
