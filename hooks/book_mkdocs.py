@@ -56,6 +56,7 @@ from mkdocs.structure.files import File
 from mkdocs.utils import get_relative_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import book_editions  # noqa: E402
 import book_pages  # noqa: E402
 import starter  # noqa: E402
 
@@ -546,8 +547,7 @@ def chapter_links(page, config, files) -> str:
         download = get_relative_url(_download_url(files, stem), page.url)
         links.append(f'<a href="{notebook}">:material-notebook-outline: Notebook with outputs</a>')
         links.append(f'<a href="{download}" download>:material-download: Download .ipynb</a>')
-        repo = config["extra"]["repository"]
-        colab = f"https://colab.research.google.com/github/{repo}/blob/gh-pages/notebooks/{stem}/{stem}.ipynb"
+        colab = book_editions.colab_url(config["extra"]["repository"], stem)
         links.append(f'<a href="{colab}">:simple-googlecolab: Open in Colab</a>')
     starter_file = _link(page, files, f"starters/{stem}.py")
     if starter_file:
