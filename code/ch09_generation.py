@@ -13,7 +13,8 @@ choosing from it, again and again. This module builds:
 - batched generation of prompts of different lengths (left padding, positions per row);
 - a command-line generator that streams text from a checkpoint of Chapter 8's trainer:
 
-    .venv/bin/python code/ch09_generation.py --out-dir runs/shakespeare --prompt "ROMEO:" --temperature 0.8
+    .venv/bin/python code/ch09_generation.py --out-dir runs/shakespeare \\
+        --prompt "ROMEO:" --temperature 0.8
 
 Shapes: B batch, T sequence length, V vocabulary size, H query heads, Hkv key/value heads,
 D head width, S source length (encoder-decoder).
@@ -35,7 +36,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # the base of FlopCo
 
 from ch04_attention import repeat_kv
 from ch06_gpt import GPT, GPTConfig, flops_per_token
-from ch08_training import load_run_tokenizer, model_from_checkpoint, resolve_device, run_command, run_data_info
+from ch08_training import (load_run_tokenizer, model_from_checkpoint, resolve_device, run_command,
+                           run_data_info)
 # --8<-- [end:imports]
 
 
@@ -145,12 +147,16 @@ def sample(logits, generator=None):
     """
     probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
     if not torch.isfinite(probs).all():  # torch.multinomial's own error would not say why
-        raise ValueError("the probabilities to sample from hold NaN or inf: the logits do, or overflowed "
-                         "(a temperature too close to 0 divides them into inf)")
+        raise ValueError(
+            "the probabilities to sample from hold NaN or inf: the logits do, or overflowed "
+            "(a temperature too close to 0 divides them into inf)"
+        )
     if isinstance(generator, (list, tuple)):
         if len(generator) != len(probs):
             raise ValueError(f"got {len(generator)} generators for {len(probs)} rows")
-        return torch.cat([torch.multinomial(p[None], 1, generator=g)[:, 0] for p, g in zip(probs, generator)])
+        return torch.cat(
+            [torch.multinomial(p[None], 1, generator=g)[:, 0] for p, g in zip(probs, generator)]
+        )
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
@@ -196,11 +202,11 @@ class KVCache:
         """Bytes held by the two buffers (allocated for max_len tokens, whatever is filled)."""
         return self.k.nbytes + self.v.nbytes
 
+    # --8<-- [end:kv-cache]
     # --8<-- [start:exercise-3]
     # Exercise 3: the KV cache's update
     def update(self, k, v):
         """Append the keys and values of T new tokens, k and v (B, Hkv, T, D), and return the
-    # --8<-- [end:kv-cache]
         keys and values of all seq_len + T tokens so far, each (B, Hkv, seq_len + T, D).
 
         Write them in place into self.k and self.v at positions seq_len ... seq_len + T - 1
@@ -217,11 +223,11 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
     # --8<-- [end:exercise-3]
 
+    # --8<-- [start:kv-cache-rest]
     def reset(self):
         """Forget every token (the buffers stay allocated)."""
         self.seq_len = 0
 
-    # --8<-- [start:kv-cache-rest]
     def reorder(self, index):
         """Keep the rows index (B,) of the batch, in that order: beam search's surviving beams."""
         n = self.seq_len
@@ -233,8 +239,12 @@ def make_kv_caches(model, batch_size, max_len=None):
     """One KVCache per block of a Chapter 6 GPT, for batch_size rows of up to max_len tokens."""
     c, weight = model.config, model.lm_head.weight  # the dtype and device of the model
     max_len = c.block_size if max_len is None else max_len
-    return [KVCache(batch_size, c.n_kv_head or c.n_head, max_len, c.head_dim, weight.dtype, weight.device)
-            for _ in model.blocks]
+    return [
+        KVCache(
+            batch_size, c.n_kv_head or c.n_head, max_len, c.head_dim, weight.dtype, weight.device
+        )
+        for _ in model.blocks
+    ]
 # --8<-- [end:kv-cache-rest]
 
 
@@ -256,7 +266,9 @@ def generation_flops(config, prompt_len, n_new, use_cache=True):
     """
     P = prompt_len
     if use_cache:
-        return P * flops_per_token(config, P) + sum(flops_per_token(config, L) for L in range(P + 1, P + n_new))
+        return P * flops_per_token(config, P) + sum(
+            flops_per_token(config, L) for L in range(P + 1, P + n_new)
+        )
     return sum(L * flops_per_token(config, L) for L in range(P, P + n_new))
 # --8<-- [end:cache-cost]
 
@@ -276,7 +288,11 @@ def fused_qkv(attn):
     if any(type(p) is not torch.nn.Linear for p in projections):
         return None
     weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-    bias = None if attn.q_proj.bias is None else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+    bias = (
+        None
+        if attn.q_proj.bias is None
+        else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+    )
     return weight, bias
 
 
@@ -302,11 +318,14 @@ def decode_step(model, ids, positions, caches, qkv, padding_mask=None):
                        for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         else:
             heads = F.linear(h, *fused).view(B, 1, -1, attn.head_dim).transpose(1, 2)
-            q, k, v = heads.split([attn.n_head, attn.n_kv_head, attn.n_kv_head], dim=1)  # (B, H or Hkv, 1, D)
+            # (B, H or Hkv, 1, D)
+            q, k, v = heads.split([attn.n_head, attn.n_kv_head, attn.n_kv_head], dim=1)
         if attn.rope is not None:
             q, k = attn.rope(q, positions), attn.rope(k, positions)
         k, v = cache.update(k, v)  # (B, Hkv, Tk, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=attn.n_head != attn.n_kv_head)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=attn.n_head != attn.n_kv_head
+        )
         x = x + attn.out_proj(y.transpose(1, 2).reshape(B, 1, -1))  # (B, 1, C)
         x = x + block.mlp(block.mlp_norm(x))
     return model.lm_head(model.norm_f(x))[:, -1]  # (B, V)
@@ -337,16 +356,21 @@ def check_generate_args(model, idx, max_new_tokens, temperature, top_k, top_p, r
                         padding_mask, window_keep):
     """Raise ValueError, saying what is wrong, for arguments that generate cannot use."""
     if idx.dim() != 2 or idx.dtype != torch.long or idx.shape[1] == 0:
-        raise ValueError(f"idx must be a non-empty (B, T) LongTensor of token ids, got {idx.dtype} {tuple(idx.shape)}")
+        raise ValueError(f"idx must be a non-empty (B, T) LongTensor of token ids, "
+                         f"got {idx.dtype} {tuple(idx.shape)}")
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty)
     if model.training and model.config.dropout > 0:
         raise ValueError("the model is in training mode, so dropout is on: call model.eval() first")
     if window_keep is not None and not 1 <= window_keep <= model.config.block_size:
-        raise ValueError(f"window_keep must be in [1, block_size={model.config.block_size}], got {window_keep}")
+        raise ValueError(
+            f"window_keep must be in [1, block_size={model.config.block_size}], got {window_keep}"
+        )
     if padding_mask is not None:
         if padding_mask.shape != idx.shape or padding_mask.dtype != torch.bool:
-            raise ValueError(f"padding_mask must be a bool tensor of idx's shape {tuple(idx.shape)}")
+            raise ValueError(
+                f"padding_mask must be a bool tensor of idx's shape {tuple(idx.shape)}"
+            )
         if (padding_mask[:, 1:] < padding_mask[:, :-1]).any() or not padding_mask[:, -1].all():
             raise ValueError("padding_mask must describe left padding: False (padding) first, then "
                              "True up to the last column; left_pad() builds it")
@@ -365,8 +389,10 @@ def check_finite(logits, step):
     """Refuse next-token logits (B, V) that hold NaN or inf (one cheap check per step): a
     sample drawn from them would be garbage, or torch.multinomial's cryptic error."""
     if not torch.isfinite(logits).all():
-        raise ValueError(f"the logits of generation step {step} hold NaN or inf: the model's weights or "
-                         "its input hold NaN/inf (or its activations overflowed)")
+        raise ValueError(
+            f"the logits of generation step {step} hold NaN or inf: the model's weights or "
+            "its input hold NaN/inf (or its activations overflowed)"
+        )
 
 
 def with_room(buffer, n):
@@ -374,7 +400,10 @@ def with_room(buffer, n):
     Memory grows with the tokens made, not with max_new_tokens, which may be huge."""
     if n <= buffer.shape[1]:
         return buffer
-    return torch.cat([buffer, buffer.new_ones(buffer.shape[0], max(n, 2 * buffer.shape[1]) - buffer.shape[1])], dim=1)
+    return torch.cat(
+        [buffer, buffer.new_ones(buffer.shape[0], max(n, 2 * buffer.shape[1]) - buffer.shape[1])],
+        dim=1,
+    )
 
 
 def decode_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
@@ -418,9 +447,11 @@ def decode_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, to
         if qkv is not None and fed == n - 1:  # one new token, the others cached
             positions = (torch.full((B, 1), n - 1 - start, device=idx.device) if mask is None
                          else window_mask.sum(dim=-1, keepdim=True) - 1)  # real tokens before it
-            last_logits = decode_step(model, tokens[:, n - 1:n], positions, caches, qkv, window_mask)
+            last_logits = decode_step(model, tokens[:, n - 1:n], positions, caches, qkv,
+                                      window_mask)
         elif use_cache:  # the tokens not yet cached: the whole window at first, then one
-            last_logits = model(tokens[:, fed:n], kv_caches=caches, padding_mask=window_mask)[0][:, -1]
+            last_logits = model(tokens[:, fed:n], kv_caches=caches,
+                                padding_mask=window_mask)[0][:, -1]
         else:
             last_logits = model(tokens[:, start:n], padding_mask=window_mask)[0][:, -1]
         fed = n
@@ -456,8 +487,9 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
     with torch.inference_mode():  # no autograd bookkeeping, for the whole loop at once
         new = list(decode_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, repetition_penalty=repetition_penalty, eos_id=eos_id,
-                                 generator=generator, use_cache=use_cache, padding_mask=padding_mask,
-                                 window_keep=window_keep, lean_step=lean_step))
+                                 generator=generator, use_cache=use_cache,
+                                 padding_mask=padding_mask, window_keep=window_keep,
+                                 lean_step=lean_step))
         out = torch.cat([idx] + [t[:, None] for t in new], dim=1)  # (B, T + n)
     return out.clone()  # outside inference mode: a normal tensor that autograd may use
 # --8<-- [end:generate]
@@ -471,7 +503,9 @@ def left_pad(prompts, pad_id=0, device=None):
         raise ValueError("give at least one prompt, and no empty prompt")
     T = max(len(p) for p in prompts)
     idx = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], device=device)
-    padding_mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
+    padding_mask = torch.tensor(
+        [[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device
+    )
     return idx, padding_mask
 # --8<-- [end:left-pad]
 
@@ -496,12 +530,16 @@ def beam_search(model, idx, max_new_tokens, beam_width=4, *, length_penalty=1.0,
     search with early_stopping=True follows the same rules.
     """
     if idx.dim() != 2 or idx.shape[0] != 1:
-        raise ValueError(f"beam_search takes one prompt, idx of shape (1, T); got {tuple(idx.shape)}")
+        raise ValueError(
+            f"beam_search takes one prompt, idx of shape (1, T); got {tuple(idx.shape)}"
+        )
     if beam_width < 1:
         raise ValueError(f"beam_width must be at least 1, got {beam_width}")
     T, k = idx.shape[1], beam_width
     if T + max_new_tokens > model.config.block_size:
-        raise ValueError(f"{T} + {max_new_tokens} tokens exceed block_size={model.config.block_size}")
+        raise ValueError(
+            f"{T} + {max_new_tokens} tokens exceed block_size={model.config.block_size}"
+        )
     beams = idx.repeat(k, 1)  # (k, T): every beam starts as the prompt...
     scores = torch.full((k,), float("-inf"), device=idx.device)
     scores[0] = 0.0  # ...but only one is live, or step 1 would pick the same token k times
@@ -548,7 +586,8 @@ def sequence_logprob(model, idx, prompt_len, length_penalty=0.0):
     """log p(idx[:, prompt_len:] | the prompt) / n**length_penalty, n = idx.shape[1] - prompt_len,
     from one full forward pass: the score beam search ranks by. idx (B, T) -> (B,)."""
     logits, _ = model(idx)
-    logp = F.log_softmax(logits[:, prompt_len - 1:-1].float(), dim=-1)  # predictions of the new tokens
+    # predictions of the new tokens
+    logp = F.log_softmax(logits[:, prompt_len - 1:-1].float(), dim=-1)
     new = idx[:, prompt_len:]
     return logp.gather(-1, new[..., None])[..., 0].sum(dim=-1) / new.shape[1] ** length_penalty
 # --8<-- [end:beam-search]
@@ -562,7 +601,8 @@ def sequence_logprob(model, idx, prompt_len, length_penalty=0.0):
 def cross_attention_kv(attn, memory):
     """Keys and values of the encoder output memory (B, S, C) for one cross-attention layer,
     (B, Hkv, S, D) each. They depend on the source only: compute them once per source."""
-    return attn.split_heads(attn.k_proj(memory), attn.n_kv_head), attn.split_heads(attn.v_proj(memory), attn.n_kv_head)
+    return (attn.split_heads(attn.k_proj(memory), attn.n_kv_head),
+            attn.split_heads(attn.v_proj(memory), attn.n_kv_head))
 
 
 def cached_cross_attention(attn, h, k, v, mask):
@@ -582,8 +622,11 @@ def decoder_step(model, ids, position, caches, cross_kv, cross_mask, padding_mas
     x = model.drop(model.positions(model.embed(ids), offset=position))  # (B, 1, C)
     for block, cache, (k, v) in zip(model.decoder, caches, cross_kv):
         # Block.forward's three sublayers, with cached self-attention and cross-attention
-        x = block._residual(x, block.attn_norm, lambda h: block.attn(h, padding_mask=padding_mask, kv_cache=cache))
-        x = block._residual(x, block.cross_norm, lambda h: cached_cross_attention(block.cross_attn, h, k, v, cross_mask))
+        x = block._residual(
+            x, block.attn_norm, lambda h: block.attn(h, padding_mask=padding_mask, kv_cache=cache)
+        )
+        x = block._residual(x, block.cross_norm,
+                            lambda h: cached_cross_attention(block.cross_attn, h, k, v, cross_mask))
         x = block._residual(x, block.mlp_norm, block.mlp)
     return (model.decoder_norm(x) @ model.embed.weight.T)[:, -1]  # (B, V)
 
@@ -596,7 +639,8 @@ def cached_greedy_decode(model, src, bos_id, eos_id, max_new_tokens):
     memory = model.encode(src)  # (B, S, C), once
     cross_mask = (src != pad)[:, None, None, :]  # (B, 1, 1, S)
     cross_kv = [cross_attention_kv(block.cross_attn, memory) for block in model.decoder]
-    caches = [KVCache(B, block.attn.n_kv_head, max_new_tokens, block.attn.head_dim, memory.dtype, memory.device)
+    caches = [KVCache(B, block.attn.n_kv_head, max_new_tokens, block.attn.head_dim, memory.dtype,
+                      memory.device)
               for block in model.decoder]
     tokens = torch.full((B, max_new_tokens + 1), bos_id, dtype=torch.long, device=src.device)
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
@@ -668,8 +712,10 @@ def encode_prompt(tokenizer, prompt):
     """The prompt's ids, or a ValueError that names the characters the model does not know."""
     unknown = sorted(set(prompt) - set(tokenizer.chars))
     if unknown:
-        raise ValueError(f"the prompt has characters that are not in the model's vocabulary: {unknown}; "
-                         f"it knows {len(tokenizer.chars)}: {''.join(tokenizer.chars)!r}")
+        raise ValueError(
+            f"the prompt has characters that are not in the model's vocabulary: {unknown}; "
+            f"it knows {len(tokenizer.chars)}: {''.join(tokenizer.chars)!r}"
+        )
     if not prompt:
         raise ValueError("the prompt is empty: give the model at least one character to continue")
     return tokenizer.encode(prompt)
@@ -701,15 +747,20 @@ def load_trained(out_dir, device="cpu"):
     for path in (checkpoint, vocabulary):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: train a model first, for example with "
-                                    f"python code/ch08_training.py --out-dir {out}")
+                                    f".venv/bin/python code/ch08_training.py --out-dir {out}")
     try:
         tokenizer = load_run_tokenizer(out)
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{vocabulary} is not the tokenizer of Chapter 8's trainer: {error!r}") from None
-    model, _ = model_from_checkpoint(checkpoint)  # its errors name the file and what is wrong with it
+        raise ValueError(
+            f"{vocabulary} is not the tokenizer of Chapter 8's trainer: {error!r}"
+        ) from None
+    # its errors name the file and what is wrong with it
+    model, _ = model_from_checkpoint(checkpoint)
     if tokenizer.vocab_size != model.config.vocab_size:  # files of two different runs
-        raise ValueError(f"{vocabulary} has {tokenizer.vocab_size} tokens but the model in {checkpoint} "
-                         f"has {model.config.vocab_size}: they do not come from the same run")
+        raise ValueError(
+            f"{vocabulary} has {tokenizer.vocab_size} tokens but the model in {checkpoint} "
+            f"has {model.config.vocab_size}: they do not come from the same run"
+        )
     return model.to(device), tokenizer
 
 
@@ -719,7 +770,8 @@ def describe_run_data(out_dir):
     if info is None:
         return "unknown (the folder has no record of its data: an older trainer wrote it)"
     home = str(Path.home())
-    source = "~" + info["source"][len(home):] if info["source"].startswith(home + "/") else info["source"]
+    source = ("~" + info["source"][len(home):] if info["source"].startswith(home + "/")
+              else info["source"])
     return f"{info['corpus']} ({source})"
 # --8<-- [end:load]
 
@@ -731,19 +783,28 @@ def unescape(text):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Generate text with a GPT trained by Chapter 8's trainer.",
-                                     allow_abbrev=False)
-    parser.add_argument("--out-dir", required=True, help="the trainer's folder (checkpoint and tokenizer)")
-    parser.add_argument("--prompt", default="\\n", help=r"text to continue; escapes such as \n work (default: \n)")
+    parser = argparse.ArgumentParser(
+        description="Generate text with a GPT trained by Chapter 8's trainer.", allow_abbrev=False
+    )
+    parser.add_argument(
+        "--out-dir", required=True, help="the trainer's folder (checkpoint and tokenizer)"
+    )
+    parser.add_argument(
+        "--prompt", default="\\n", help=r"text to continue; escapes such as \n work (default: \n)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
+    parser.add_argument(
+        "--stop", action="append", default=[], help="stop before this text (repeatable)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="for reproducible samples")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--no-cache", action="store_true", help="recompute everything at every step")
+    parser.add_argument(
+        "--no-cache", action="store_true", help="recompute everything at every step"
+    )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser.parse_args(argv)
 
@@ -770,7 +831,8 @@ def main(argv=None, out=None):
     prompt, out = unescape(args.prompt), out or sys.stdout
     with warnings.catch_warnings():
         warnings.showwarning = print_warning  # e.g. a prompt cropped to the context, in one line
-        pieces = stream_text(model, tokenizer, prompt, args.max_new_tokens, stop=[unescape(s) for s in args.stop],
+        pieces = stream_text(model, tokenizer, prompt, args.max_new_tokens,
+                             stop=[unescape(s) for s in args.stop],
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              repetition_penalty=args.repetition_penalty, generator=generator,
                              use_cache=not args.no_cache)
@@ -835,7 +897,9 @@ def count_calls(fn):
 
 def tokens_per_second(model, prompt_len=16, n_new=128, use_cache=True, repeats=3):
     """The best of `repeats` runs of greedy generation, in new tokens per second."""
-    return max(n_new / sum(seconds_per_token(model, prompt_len, n_new, use_cache)) for _ in range(repeats))
+    return max(
+        n_new / sum(seconds_per_token(model, prompt_len, n_new, use_cache)) for _ in range(repeats)
+    )
 # --8<-- [end:measure]
 
 
@@ -845,7 +909,8 @@ def plot_temperature():
 
     gen = torch.Generator().manual_seed(0)
     V = 50
-    logits = -1.2 * torch.log(torch.arange(1, V + 1, dtype=torch.float64)) + 0.3 * torch.randn(V, generator=gen, dtype=torch.float64)
+    logits = (-1.2 * torch.log(torch.arange(1, V + 1, dtype=torch.float64))
+              + 0.3 * torch.randn(V, generator=gen, dtype=torch.float64))
     logits = logits.sort(descending=True).values
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for T in (0.5, 1.0, 2.0):
@@ -868,13 +933,18 @@ def plot_top_p():
 
     V, p, k = 40, 0.9, 10
     ranks = torch.arange(1, V + 1, dtype=torch.float64)
-    cases = {"a confident prediction": -2.5 * torch.log(ranks), "an uncertain prediction": -0.6 * torch.log(ranks)}
+    cases = {
+        "a confident prediction": -2.5 * torch.log(ranks),
+        "an uncertain prediction": -0.6 * torch.log(ranks),
+    }
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
     for ax, (title, logits) in zip(axes, cases.items()):
         probs = torch.softmax(logits, -1)
         kept = torch.isfinite(top_p_filter(logits[None], p)[0])
         ax.bar(ranks.numpy(), probs.numpy(), color=["C0" if keep else "0.75" for keep in kept])
-        ax.plot(ranks.numpy(), probs.cumsum(-1).numpy(), "C1.-", ms=3, label="cumulative probability")
+        ax.plot(
+            ranks.numpy(), probs.cumsum(-1).numpy(), "C1.-", ms=3, label="cumulative probability"
+        )
         ax.axhline(p, color="C1", ls=":", lw=1)
         ax.axvline(k + 0.5, color="C3", ls="--", lw=1, label=f"top-k cut, k = {k}")
         ax.set(title=f"{title}: top-p = {p} keeps {int(kept.sum())}", xlabel="token (by rank)")
@@ -891,8 +961,10 @@ def plot_cache_speedup():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=65, block_size=512, n_layer=4, n_head=4, d_model=128)).eval()
     n_new, prompt_len = 384, 16
-    runs = {label: min((seconds_per_token(model, prompt_len, n_new, cache) for _ in range(2)), key=sum)
-            for label, cache in (("with the KV cache", True), ("without", False))}
+    runs = {
+        label: min((seconds_per_token(model, prompt_len, n_new, cache) for _ in range(2)), key=sum)
+        for label, cache in (("with the KV cache", True), ("without", False))
+    }
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for label, times in runs.items():
         ax.plot(range(prompt_len + 1, prompt_len + n_new), [1e3 * t for t in times[1:]], lw=1,
