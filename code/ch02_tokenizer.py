@@ -79,7 +79,8 @@ CL100K_SPECIAL_TOKENS = {
 
 # --8<-- [start:utf8]
 def utf8_encode_char(code_point):
-    """UTF-8 bytes of one code point (an int): 1 to 4 bytes; continuation bytes carry 6 bits each."""
+    """UTF-8 bytes of one code point (an int): 1 to 4 bytes; continuation bytes
+    carry 6 bits each."""
     if not 0 <= code_point <= 0x10FFFF:
         raise ValueError(f"{code_point:#x} is not a Unicode code point (0..0x10FFFF)")
     if 0xD800 <= code_point <= 0xDFFF:

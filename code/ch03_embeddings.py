@@ -481,7 +481,8 @@ def make_batch(task, batch_size, n, n_symbols, generator=None, device=None, lag=
 
 
 def train_position_model(encoding, task="shift", train_max_n=16, steps=200, n_symbols=16,
-                         batch_size=64, lr=1e-2, seed=0, losses=None, stop_after=None, **model_kwargs):
+                         batch_size=64, lr=1e-2, seed=0, losses=None, stop_after=None,
+                         **model_kwargs):
     """Train a TinyPositionModel on task with n drawn from 1..train_max_n; return it.
 
     losses: a list that receives the training loss of every step. stop_after ends the run
@@ -544,14 +545,17 @@ def run_position_experiment(encodings=ENCODINGS, task="shift", train_max_n=16,
 # ---------------------------------------------------------------------------------------
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "docs" / "data"
-RECORD_COMMAND = ".venv/bin/python tests/benchmarks/figure_data.py {name}"  # writes docs/data/{name}.json
+# writes docs/data/{name}.json
+RECORD_COMMAND = ".venv/bin/python tests/benchmarks/figure_data.py {name}"
 
 
 def stored_run(name):
     """The stored history docs/data/<name>.json that a figure is drawn from."""
     path = DATA_DIR / f"{name}.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; write it with {RECORD_COMMAND.format(name=name)}")
+        raise FileNotFoundError(
+            f"{path} is missing; write it with {RECORD_COMMAND.format(name=name)}"
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -559,7 +563,9 @@ def position_experiment_history(test_lengths=range(4, 49, 4), steps=200, seed=0)
     """The experiment of section 3.8 as stored for its figure: accuracy by test length and
     the training loss of every step, for each encoding (about a minute on 2 cores)."""
     losses = {}
-    accuracy = run_position_experiment(test_lengths=test_lengths, steps=steps, seed=seed, losses=losses)
+    accuracy = run_position_experiment(
+        test_lengths=test_lengths, steps=steps, seed=seed, losses=losses
+    )
     return {"task": "shift", "train_max_n": 16, "steps": steps, "seed": seed,
             "lengths": list(test_lengths), "accuracy": accuracy, "losses": losses}
 
