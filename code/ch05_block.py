@@ -58,13 +58,16 @@ def layer_norm_backward(grad_out, x, weight, eps=1e-5):
     grad_out and x (..., C), weight (C,). With x_hat = (x - mean) * rstd, rstd = 1/sqrt(var + eps)
     and g = grad_out * weight (the gradient reaching x_hat), the chapter derives
         dL/dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))     (means over the last dim)
-        dL/dweight = sum of grad_out * x_hat,  dL/dbias = sum of grad_out  (over all but the last dim).
+        dL/dweight = sum of grad_out * x_hat,  dL/dbias = sum of grad_out
+                                                                (over all but the last dim).
     """
     mean = x.mean(dim=-1, keepdim=True)
     rstd = torch.rsqrt(((x - mean) ** 2).mean(dim=-1, keepdim=True) + eps)  # (..., 1)
     x_hat = (x - mean) * rstd  # (..., C)
     g = grad_out * weight  # dL/dx_hat
-    grad_x = rstd * (g - g.mean(dim=-1, keepdim=True) - x_hat * (g * x_hat).mean(dim=-1, keepdim=True))
+    grad_x = rstd * (
+        g - g.mean(dim=-1, keepdim=True) - x_hat * (g * x_hat).mean(dim=-1, keepdim=True)
+    )
     lead = tuple(range(x.dim() - 1))  # every dimension but the last
     grad_weight = (grad_out * x_hat).sum(dim=lead)  # (C,)
     grad_bias = grad_out.sum(dim=lead)  # (C,)
@@ -280,11 +283,19 @@ class Block(nn.Module):
         super().__init__()
         self.prenorm = prenorm
         self.attn_norm = make_norm(norm, d_model, norm_eps, bias, use_fused)
-        self.attn = MultiHeadAttention(d_model, n_head, n_kv_head, bias=bias, dropout=dropout, rope=rope,
-                                       rope_base=rope_base, rope_interleaved=rope_interleaved, use_fused=use_fused)
-        self.cross_norm = make_norm(norm, d_model, norm_eps, bias, use_fused) if cross_attention else None
-        self.cross_attn = (MultiHeadAttention(d_model, n_head, n_kv_head, bias=bias, dropout=dropout,
-                                              use_fused=use_fused) if cross_attention else None)
+        self.attn = MultiHeadAttention(d_model, n_head, n_kv_head, bias=bias, dropout=dropout,
+                                       rope=rope, rope_base=rope_base,
+                                       rope_interleaved=rope_interleaved, use_fused=use_fused)
+        self.cross_norm = (
+            make_norm(norm, d_model, norm_eps, bias, use_fused) if cross_attention else None
+        )
+        self.cross_attn = (
+            MultiHeadAttention(
+                d_model, n_head, n_kv_head, bias=bias, dropout=dropout, use_fused=use_fused
+            )
+            if cross_attention
+            else None
+        )
         self.mlp_norm = make_norm(norm, d_model, norm_eps, bias, use_fused)
         self.mlp = make_mlp(mlp, d_model, d_ff, bias)
         self.drop = nn.Dropout(dropout)
@@ -303,11 +314,15 @@ class Block(nn.Module):
         x = self._residual(x, self.attn_norm, self_attention)
         if self.cross_attn is not None:
             if memory is None:
-                raise ValueError("this block has cross-attention: pass memory, the encoder output (B, S, C)")
+                raise ValueError(
+                    "this block has cross-attention: pass memory, the encoder output (B, S, C)"
+                )
             x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(
                 h, memory, padding_mask=memory_padding_mask, attn_mask=memory_mask))
         elif memory is not None:
-            raise ValueError("memory was given, but this block has no cross-attention (cross_attention=False)")
+            raise ValueError(
+                "memory was given, but this block has no cross-attention (cross_attention=False)"
+            )
         return self._residual(x, self.mlp_norm, self.mlp)
 
     def _residual(self, x, norm, sublayer):
@@ -317,7 +332,10 @@ class Block(nn.Module):
 
     def residual_projections(self):
         """The linear layers that write into the residual stream (scaled at initialisation)."""
-        layers = [self.attn.out_proj, self.mlp.proj if isinstance(self.mlp, MLP) else self.mlp.down_proj]
+        layers = [
+            self.attn.out_proj,
+            self.mlp.proj if isinstance(self.mlp, MLP) else self.mlp.down_proj,
+        ]
         return layers + ([self.cross_attn.out_proj] if self.cross_attn is not None else [])
 # --8<-- [end:block]
 
@@ -335,7 +353,10 @@ def load_torch_layer(block, layer):
         raise ValueError(f"norm_first={layer.norm_first} but the block has prenorm={block.prenorm}")
     is_decoder = hasattr(layer, "multihead_attn")
     if is_decoder != (block.cross_attn is not None):
-        raise ValueError("a decoder layer goes into a block with cross_attention=True, an encoder layer into one without")
+        raise ValueError(
+            "a decoder layer goes into a block with cross_attention=True, an encoder layer into one"
+            " without"
+        )
 
     def copy_attention(ours, theirs):
         ours.load_fused_qkv(theirs.in_proj_weight, theirs.in_proj_bias)
@@ -461,7 +482,9 @@ def gradient_norms_by_depth(n_layer=24, prenorm=True, d_model=64, batch=4, seq_l
         inputs.append(x)
         x = block(x, causal=True)
     (final_norm(x) @ readout).pow(2).mean().backward()
-    return [h.grad.norm().item() for h in inputs], [b.mlp.fc.weight.grad.norm().item() for b in stack]
+    return [h.grad.norm().item() for h in inputs], [
+        b.mlp.fc.weight.grad.norm().item() for b in stack
+    ]
 # --8<-- [end:experiments]
 
 
@@ -488,7 +511,8 @@ def plot_gelu():
 
 
 def plot_gradient_flow():
-    """Pre-norm versus post-norm gradients by depth, and the residual stream with/without scaled init."""
+    """Pre-norm versus post-norm gradients by depth, and the residual stream
+    with/without scaled init."""
     import matplotlib.pyplot as plt
 
     n_layer = 24
@@ -496,15 +520,17 @@ def plot_gradient_flow():
     for prenorm, label in ((False, "post-norm"), (True, "pre-norm")):
         _, weight_grads = gradient_norms_by_depth(n_layer, prenorm)
         ax1.plot(range(1, n_layer + 1), weight_grads, "o-", ms=3, label=label)
-    ax1.set(yscale="log", xlabel="block (1 = next to the embeddings)", ylabel="|dL/dW| of the MLP's first matrix",
+    ax1.set(yscale="log", xlabel="block (1 = next to the embeddings)",
+            ylabel="|dL/dW| of the MLP's first matrix",
             title="Gradients at initialisation, 24 blocks")
     ax1.legend()
     depths = [1, 2, 4, 8, 16, 32]
-    ax2.plot(depths, [final_residual_std(n, scaled=False) for n in depths], "o-", label="all weights N(0, 0.02)")
+    ax2.plot(depths, [final_residual_std(n, scaled=False) for n in depths], "o-",
+             label="all weights N(0, 0.02)")
     ax2.plot(depths, [final_residual_std(n, scaled=True) for n in depths], "o-",
              label="residual projections N(0, 0.02 / sqrt(2N))")
-    ax2.set(xscale="log", yscale="log", xlabel="number of blocks N", ylabel="std of the output stream",
-            title="Residual stream at GPT-2 initialisation")
+    ax2.set(xscale="log", yscale="log", xlabel="number of blocks N",
+            ylabel="std of the output stream", title="Residual stream at GPT-2 initialisation")
     ax2.set_xticks(depths, [str(d) for d in depths])
     ax2.minorticks_off()
     ax2.legend(fontsize=8)

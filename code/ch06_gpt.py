@@ -65,7 +65,9 @@ class GPTConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
+            )
         if self.positions not in ("learned", "rope"):
             raise ValueError(f"positions must be 'learned' or 'rope', got {self.positions!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -77,7 +79,8 @@ class GPTConfig:
 
     @classmethod
     def gpt2(cls, name="gpt2", **overrides):
-        """GPT-2 of the given size: 'gpt2' (124M), 'gpt2-medium' (350M), 'gpt2-large' (774M), 'gpt2-xl' (1558M)."""
+        """GPT-2 of the given size: 'gpt2' (124M), 'gpt2-medium' (350M), 'gpt2-large' (774M),
+        'gpt2-xl' (1558M)."""
         sizes = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
                  "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
         if name not in sizes:
@@ -89,7 +92,8 @@ class GPTConfig:
     def llama_style(cls, **overrides):
         """The Llama recipe on the same components: RMSNorm, SwiGLU, RoPE, grouped-query
         attention, no biases, untied head. Sizes default to GPT-2 small's, with 4 kv heads."""
-        llama = dict(n_kv_head=4, bias=False, norm="rmsnorm", mlp="swiglu", positions="rope", tie_weights=False)
+        llama = dict(n_kv_head=4, bias=False, norm="rmsnorm", mlp="swiglu", positions="rope",
+                     tie_weights=False)
         return cls(**{**llama, **overrides})
 
     @classmethod
@@ -109,21 +113,28 @@ class GPT(nn.Module):
         super().__init__()
         self.config = c = config
         self.tok_emb = TokenEmbedding(c.vocab_size, c.d_model)  # (V, C)
-        self.pos_emb = LearnedPositionalEmbedding(c.block_size, c.d_model) if c.positions == "learned" else None
+        self.pos_emb = (
+            LearnedPositionalEmbedding(c.block_size, c.d_model)
+            if c.positions == "learned"
+            else None
+        )
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            Block(c.d_model, c.n_head, c.n_kv_head, c.d_ff, dropout=c.dropout, bias=c.bias, norm=c.norm,
-                  norm_eps=c.norm_eps, mlp=c.mlp, prenorm=True, rope=c.positions == "rope",
-                  rope_base=c.rope_base, rope_interleaved=c.rope_interleaved, use_fused=c.use_fused)
+            Block(c.d_model, c.n_head, c.n_kv_head, c.d_ff, dropout=c.dropout, bias=c.bias,
+                  norm=c.norm, norm_eps=c.norm_eps, mlp=c.mlp, prenorm=True,
+                  rope=c.positions == "rope", rope_base=c.rope_base,
+                  rope_interleaved=c.rope_interleaved, use_fused=c.use_fused)
             for _ in range(c.n_layer)
         )
-        self.norm_f = make_norm(c.norm, c.d_model, c.norm_eps, c.bias, c.use_fused)  # pre-norm needs a last norm
+        # pre-norm needs a last norm
+        self.norm_f = make_norm(c.norm, c.d_model, c.norm_eps, c.bias, c.use_fused)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)  # (V, C)
         init_gpt2_(self, n_residual=2 * c.n_layer)  # two residual branches per block
         if c.tie_weights:
             self.tie_weights()
 
-    def forward(self, idx, targets=None, kv_caches=None, *, padding_mask=None, positions=None, attn_mask=None):
+    def forward(self, idx, targets=None, kv_caches=None, *, padding_mask=None, positions=None,
+                attn_mask=None):
         """idx (B, T) token ids -> (logits (B, T, V), loss or None).
 
         targets (B, T): the next token at each position (-1 = ignore); loss is the mean
@@ -136,7 +147,9 @@ class GPT(nn.Module):
         key, applied on top of the causal mask (several documents packed in a row, Chapter 13).
         """
         if idx.dim() != 2:
-            raise ValueError(f"idx must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}")
+            raise ValueError(
+                f"idx must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}"
+            )
         B, T = idx.shape
         past = kv_caches[0].seq_len if kv_caches else 0
         if past + T > self.config.block_size:
@@ -145,8 +158,10 @@ class GPT(nn.Module):
                              f"{self.config.block_size} tokens")
         if padding_mask is not None:
             if padding_mask.dtype != torch.bool or padding_mask.shape != (B, past + T):
-                raise ValueError(f"padding_mask must be a bool (B, past + T) = {(B, past + T)} tensor, got "
-                                 f"{padding_mask.dtype} {tuple(padding_mask.shape)}")
+                raise ValueError(
+                    f"padding_mask must be a bool (B, past + T) = {(B, past + T)} tensor, got "
+                    f"{padding_mask.dtype} {tuple(padding_mask.shape)}"
+                )
             if positions is None:  # count the real tokens before each one
                 positions = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
             # (B, 1, T, past + T): real queries see real keys; a padding query sees all (never NaN)
@@ -154,7 +169,11 @@ class GPT(nn.Module):
             attn_mask = real if attn_mask is None else real & attn_mask
         x = self.tok_emb(idx)  # (B, T, C); raises for ids outside [0, V)
         if self.pos_emb is not None:  # + W_pos[past : past + T], or W_pos[positions]
-            x = self.pos_emb(x, positions) if positions is not None else self.pos_emb(x, offset=past)
+            x = (
+                self.pos_emb(x, positions)
+                if positions is not None
+                else self.pos_emb(x, offset=past)
+            )
         x = self.drop(x)
         for i, block in enumerate(self.blocks):  # one query needs no causal mask: it is the last
             x = block(x, causal=T > 1, attn_mask=attn_mask, positions=positions,
@@ -163,8 +182,12 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         if targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+            raise ValueError(
+                f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}"
+            )
+        loss = F.cross_entropy(
+            logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1
+        )
         return logits, loss
 
     def num_parameters(self, non_embedding=False):
@@ -172,7 +195,9 @@ class GPT(nn.Module):
         out the token and position embeddings, the N of the scaling laws."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+            n -= self.tok_emb.weight.numel() + (
+                self.pos_emb.weight.numel() if self.pos_emb is not None else 0
+            )
         return n
 
     def flops_per_token(self, seq_len=None):
@@ -233,7 +258,9 @@ def gpt_num_parameters(config):
     an output head V*C unless it is tied to the token embedding.
     """
     c = config
-    embeddings = c.vocab_size * c.d_model + (c.block_size * c.d_model if c.positions == "learned" else 0)
+    embeddings = c.vocab_size * c.d_model + (
+        c.block_size * c.d_model if c.positions == "learned" else 0
+    )
     block = block_num_parameters(c.d_model, c.n_head, c.n_kv_head, c.d_ff, c.bias, c.norm, c.mlp)
     final_norm = c.d_model * (2 if c.norm == "layernorm" and c.bias else 1)
     head = 0 if c.tie_weights else c.vocab_size * c.d_model
@@ -270,15 +297,20 @@ def flops_per_token(config, seq_len=None):
 # --8<-- [start:hf-gpt2]
 def config_from_hf_gpt2(hf_config):
     """GPTConfig from a transformers GPT2Config or the dict of a config.json."""
-    get = hf_config.get if isinstance(hf_config, dict) else (lambda key, default=None: getattr(hf_config, key, default))
+    get = (
+        hf_config.get
+        if isinstance(hf_config, dict)
+        else (lambda key, default=None: getattr(hf_config, key, default))
+    )
     activation = get("activation_function", "gelu_new")
-    mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}.get(activation)
+    mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+           "relu": "relu"}.get(activation)
     if mlp is None:
         raise ValueError(f"unsupported GPT-2 activation_function {activation!r}")
-    return GPTConfig(vocab_size=get("vocab_size"), block_size=get("n_positions"), n_layer=get("n_layer"),
-                     n_head=get("n_head"), d_model=get("n_embd"), d_ff=get("n_inner"), mlp=mlp,
-                     norm_eps=get("layer_norm_epsilon", 1e-5), bias=True,
-                     tie_weights=get("tie_word_embeddings", True))
+    return GPTConfig(vocab_size=get("vocab_size"), block_size=get("n_positions"),
+                     n_layer=get("n_layer"), n_head=get("n_head"), d_model=get("n_embd"),
+                     d_ff=get("n_inner"), mlp=mlp, norm_eps=get("layer_norm_epsilon", 1e-5),
+                     bias=True, tie_weights=get("tie_word_embeddings", True))
 
 
 # Per block: Hugging Face's name -> ours. Conv1D weights are stored (in, out): transpose them.
@@ -337,14 +369,21 @@ def ours_to_hf_gpt2(state_dict, config):
 # --8<-- [start:hf-llama]
 def config_from_hf_llama(hf_config):
     """GPTConfig from a transformers LlamaConfig (or its dict)."""
-    get = hf_config.get if isinstance(hf_config, dict) else (lambda key, default=None: getattr(hf_config, key, default))
+    get = (
+        hf_config.get
+        if isinstance(hf_config, dict)
+        else (lambda key, default=None: getattr(hf_config, key, default))
+    )
     rope = get("rope_parameters") or {}
     base = rope.get("rope_theta", get("rope_theta", 10000.0))
     if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"only the default RoPE is supported, got rope_type {rope.get('rope_type')!r}")
+        raise ValueError(
+            f"only the default RoPE is supported, got rope_type {rope.get('rope_type')!r}"
+        )
     return GPTConfig.llama_style(
-        vocab_size=get("vocab_size"), block_size=get("max_position_embeddings"), n_layer=get("num_hidden_layers"),
-        n_head=get("num_attention_heads"), n_kv_head=get("num_key_value_heads"), d_model=get("hidden_size"),
+        vocab_size=get("vocab_size"), block_size=get("max_position_embeddings"),
+        n_layer=get("num_hidden_layers"), n_head=get("num_attention_heads"),
+        n_kv_head=get("num_key_value_heads"), d_model=get("hidden_size"),
         d_ff=get("intermediate_size"), norm_eps=get("rms_norm_eps"), rope_base=base,
         bias=get("attention_bias", False), tie_weights=get("tie_word_embeddings", False))
 
@@ -355,7 +394,8 @@ def hf_llama_to_ours(hf_state_dict, config):
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
              "self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj",
              "self_attn.v_proj": "attn.v_proj", "self_attn.o_proj": "attn.out_proj",
-             "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.up_proj", "mlp.down_proj": "mlp.down_proj"}
+             "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.up_proj",
+             "mlp.down_proj": "mlp.down_proj"}
     out = {}
     for key, value in hf_state_dict.items():
         key = key.removeprefix("model.")
@@ -364,7 +404,8 @@ def hf_llama_to_ours(hf_state_dict, config):
             module, param = rest.rsplit(".", 1)
             key = f"blocks.{i}.{names[module]}.{param}"
         else:
-            key = {"embed_tokens.weight": "tok_emb.weight", "norm.weight": "norm_f.weight"}.get(key, key)
+            key = {"embed_tokens.weight": "tok_emb.weight",
+                   "norm.weight": "norm_f.weight"}.get(key, key)
         out[key] = value
     if config.tie_weights:
         out["lm_head.weight"] = out["tok_emb.weight"]
@@ -404,9 +445,9 @@ def from_hf_llama(source, config):
 
 
 # --8<-- [start:safetensors]
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def load_safetensors(path):
@@ -467,10 +508,13 @@ def parameter_breakdown(config):
 
 
 def plot_parameters():
-    """Where the parameters of GPT-2 (four sizes) and of a Llama-style model of GPT-2 small's size are."""
+    """Where the parameters of GPT-2 (four sizes) and of a Llama-style model of GPT-2
+    small's size are."""
     import matplotlib.pyplot as plt
 
-    configs = {name: GPTConfig.gpt2(name) for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+    configs = {
+        name: GPTConfig.gpt2(name) for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+    }
     configs["Llama-style\n(GPT-2 small size)"] = GPTConfig.llama_style(vocab_size=50257)
     fig, ax = plt.subplots(figsize=(9, 3.8))
     bottom = [0.0] * len(configs)
