@@ -57,7 +57,8 @@ class Seq2SeqConfig:
 # --8<-- [start:exercise-1]
 # Exercise 1: the three masks
 def make_masks(src, tgt_in, pad_id):
-    """The boolean masks (True = may attend) of the three attentions, shaped to broadcast over heads:
+    """The boolean masks (True = may attend) of the three attentions, shaped to
+    broadcast over heads:
 
     encoder self-attention  (B, 1, 1, S): every source token sees every real source token;
     decoder self-attention  (B, 1, T, T): target position i sees real positions j <= i (causal);
@@ -85,11 +86,16 @@ class Transformer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = c = config
-        self.embed = TokenEmbedding(c.vocab_size, c.d_model, scale=True)  # shared by source, target, output
+        # shared by source, target, output
+        self.embed = TokenEmbedding(c.vocab_size, c.d_model, scale=True)
         self.positions = SinusoidalPositionalEncoding(c.d_model, c.max_len)
         self.drop = nn.Dropout(c.dropout)
-        block = dict(d_ff=c.d_ff, dropout=c.dropout, mlp=c.mlp, prenorm=c.prenorm, use_fused=c.use_fused)
-        self.encoder = nn.ModuleList(Block(c.d_model, c.n_head, **block) for _ in range(c.n_encoder_layer))
+        block = dict(
+            d_ff=c.d_ff, dropout=c.dropout, mlp=c.mlp, prenorm=c.prenorm, use_fused=c.use_fused
+        )
+        self.encoder = nn.ModuleList(
+            Block(c.d_model, c.n_head, **block) for _ in range(c.n_encoder_layer)
+        )
         self.decoder = nn.ModuleList(Block(c.d_model, c.n_head, cross_attention=True, **block)
                                      for _ in range(c.n_decoder_layer))
         # Pre-norm leaves the residual stream unnormalized, so each stack ends with a norm.
@@ -101,12 +107,15 @@ class Transformer(nn.Module):
 
     def embed_tokens(self, ids):  # (B, L) -> (B, L, C): sqrt(C) * embedding + sinusoid, dropout
         if ids.shape[1] > self.config.max_len:
-            raise ValueError(f"sequence of {ids.shape[1]} tokens is longer than max_len={self.config.max_len}")
+            raise ValueError(
+                f"sequence of {ids.shape[1]} tokens is longer than max_len={self.config.max_len}"
+            )
         return self.drop(self.positions(self.embed(ids)))
 
     def encode(self, src):
         """src (B, S) -> memory (B, S, C): the encoder's reading of the source."""
-        encoder_mask, _, _ = make_masks(src, src[:, :1], self.config.pad_id)  # (no target yet: any will do)
+        # (no target yet: any will do)
+        encoder_mask, _, _ = make_masks(src, src[:, :1], self.config.pad_id)
         x = self.embed_tokens(src)
         for block in self.encoder:
             x = block(x, attn_mask=encoder_mask)  # bidirectional: no causal mask
@@ -131,9 +140,13 @@ class Transformer(nn.Module):
         weights = []
 
         def keep_weights(module, args, kwargs, output):
-            weights.append(module.forward(*args, **{**kwargs, "need_weights": True})[1])  # .forward: no hooks
+            # .forward: no hooks
+            weights.append(module.forward(*args, **{**kwargs, "need_weights": True})[1])
 
-        hooks = [block.cross_attn.register_forward_hook(keep_weights, with_kwargs=True) for block in self.decoder]
+        hooks = [
+            block.cross_attn.register_forward_hook(keep_weights, with_kwargs=True)
+            for block in self.decoder
+        ]
         try:
             self(src, tgt_in)
         finally:
@@ -153,7 +166,8 @@ def label_smoothing_loss(logits, targets, smoothing=0.1, ignore_index=-100):
     """Mean over the targets that are not ignore_index of the cross-entropy against the smoothed
     distribution q = (1 - smoothing) * one_hot(target) + smoothing / V (uniform over all V classes).
 
-    The chapter derives -sum_k q_k log p_k = (1 - smoothing) * (-log p_target) + smoothing * mean_k(-log p_k).
+    The chapter derives
+        -sum_k q_k log p_k = (1 - smoothing) * (-log p_target) + smoothing * mean_k(-log p_k).
     logits (N, V), targets (N,). Equal to F.cross_entropy(..., label_smoothing=smoothing).
     """
     log_probs = F.log_softmax(logits, dim=-1)  # (N, V)
@@ -224,7 +238,8 @@ FIRST_DAY, LAST_DAY = datetime.date(1900, 1, 1).toordinal(), datetime.date(2099,
 
 
 def is_test_date(date):
-    """Every 10th day of the calendar is held out: test dates never appear in training, in any format."""
+    """Every 10th day of the calendar is held out: test dates never appear in
+    training, in any format."""
     return date.toordinal() % 10 == 0
 
 
@@ -284,7 +299,8 @@ def encode_batch(pairs, vocab):
     S, T = max(map(len, src)), max(map(len, tgt)) + 1
     src_ids = torch.tensor([s + [pad] * (S - len(s)) for s in src])
     tgt_in = torch.tensor([[vocab.BOS] + t + [pad] * (T - 1 - len(t)) for t in tgt])
-    tgt_out = torch.tensor([t + [vocab.EOS] + [-100] * (T - 1 - len(t)) for t in tgt])  # -100: ignored
+    # -100: ignored
+    tgt_out = torch.tensor([t + [vocab.EOS] + [-100] * (T - 1 - len(t)) for t in tgt])
     return src_ids, tgt_in, tgt_out
 # --8<-- [end:dates]
 
@@ -302,8 +318,8 @@ def exact_match(model, pairs, vocab, batch_size=500):
     return correct / len(pairs)
 
 
-def train_dates(config=None, steps=400, batch_size=128, peak_lr=3e-3, warmup=100, smoothing=0.1, seed=0,
-                log_every=50, stop_after=None):
+def train_dates(config=None, steps=400, batch_size=128, peak_lr=3e-3, warmup=100, smoothing=0.1,
+                seed=0, log_every=50, stop_after=None):
     """Train a Transformer to rewrite dates in ISO form; returns (model, vocab, history).
 
     Adam with the paper's betas, warmup then linear decay, label smoothing, fresh random
@@ -343,7 +359,8 @@ def train_dates(config=None, steps=400, batch_size=128, peak_lr=3e-3, warmup=100
 # ---------------------------------------------------------------------------------------
 
 def plot_schedule():
-    """Learning-rate schedules (the paper's, and ours for a short run), and a label-smoothed target."""
+    """Learning-rate schedules (the paper's, and ours for a short run), and a
+    label-smoothed target."""
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(12, 3.3))
@@ -371,20 +388,22 @@ def cross_attention_maps(model, vocab, examples):
     maps = []
     for w, source, row in zip(weights, examples, out.tolist()):
         output = vocab.decode(row)
-        maps.append({"source": source, "output": output, "weights": w[:len(output), :len(source)].tolist()})
+        maps.append({"source": source, "output": output,
+                     "weights": w[:len(output), :len(source)].tolist()})
     return maps
 
 
-def cross_attention_history(steps=300, seed=0, examples=("5 March 2021", "7/14/1989", "Sep 7, 2045"),
-                            stop_after=None):
+def cross_attention_history(steps=300, seed=0,
+                            examples=("5 March 2021", "7/14/1989", "Sep 7, 2045"), stop_after=None):
     """The run the cross-attention figure is drawn from: one encoder and one decoder block,
     trained for `steps` (about 12 s on 2 cores); its loss at every step and its maps."""
     vocab = date_vocab()
     config = Seq2SeqConfig(len(vocab), n_encoder_layer=1, n_decoder_layer=1, dropout=0.0)
-    model, vocab, history = train_dates(config, steps=steps, batch_size=64, peak_lr=3e-3, warmup=75, seed=seed,
-                                        log_every=1, stop_after=stop_after)
+    model, vocab, history = train_dates(config, steps=steps, batch_size=64, peak_lr=3e-3,
+                                        warmup=75, seed=seed, log_every=1, stop_after=stop_after)
     return {"steps": steps, "seed": seed, "batch_size": 64, "peak_lr": 3e-3, "warmup": 75,
-            "losses": [record["loss"] for record in history], "maps": cross_attention_maps(model, vocab, examples)}
+            "losses": [record["loss"] for record in history],
+            "maps": cross_attention_maps(model, vocab, examples)}
 
 
 def plot_cross_attention(run=None):
@@ -398,6 +417,7 @@ def plot_cross_attention(run=None):
         ax.imshow(torch.tensor(m["weights"]).numpy(), cmap="Blues", vmin=0)
         ax.set_xticks(range(len(m["source"])), list(m["source"]))
         ax.set_yticks(range(len(m["output"])), list(m["output"]))
-        ax.set(title=f"{m['source']!r} -> {m['output']!r}", xlabel="source character", ylabel="output character")
+        ax.set(title=f"{m['source']!r} -> {m['output']!r}", xlabel="source character",
+               ylabel="output character")
     fig.tight_layout()
     return fig

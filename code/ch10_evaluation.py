@@ -13,7 +13,8 @@ is imported inside the plot_* functions.
 
 Shapes: B batch, T sequence length, V vocabulary size.
 
-Needs: ch02_tokenizer, ch03_embeddings, ch04_attention, ch05_block, ch06_gpt, ch08_training, ch09_generation.
+Needs: ch02_tokenizer, ch03_embeddings, ch04_attention, ch05_block, ch06_gpt,
+ch08_training, ch09_generation.
 """
 
 # --8<-- [start:imports]
@@ -115,7 +116,9 @@ def sliding_window_nll(model, ids, stride, block_size=None, batch_size=32):
     block_size = block_size or model.config.block_size
     ids = torch.as_tensor(ids, dtype=torch.long)
     if ids.dim() != 1:
-        raise ValueError(f"ids must be one text: a 1-D sequence of token ids, got shape {tuple(ids.shape)}")
+        raise ValueError(
+            f"ids must be one text: a 1-D sequence of token ids, got shape {tuple(ids.shape)}"
+        )
     spans = list(window_spans(len(ids), block_size, stride))
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -173,7 +176,8 @@ def loss_by_position(model, ids, n_windows=1024, seed=0, block_size=None, batch_
     x, y = get_batch(ids, block_size, n_windows, torch.Generator().manual_seed(seed))  # (N, T) each
     device = next(model.parameters()).device
     with evaluating(model):
-        logp = torch.cat([token_logprobs(model, x[i : i + batch_size].to(device), y[i : i + batch_size].to(device))
+        logp = torch.cat([token_logprobs(model, x[i : i + batch_size].to(device),
+                                         y[i : i + batch_size].to(device))
                           for i in range(0, n_windows, batch_size)])  # (N, T)
     return -logp.mean(dim=0).cpu()
 
@@ -297,7 +301,10 @@ def continuation_logprobs(model, context_ids, endings_ids, block_size=None):
     """
     block_size = block_size or model.config.block_size
     if not context_ids:
-        raise ValueError("the context needs at least one token: the first token of an ending is predicted from it")
+        raise ValueError(
+            "the context needs at least one token: the first token of an ending is predicted"
+            " from it"
+        )
     if any(not 1 <= len(e) <= block_size for e in endings_ids):
         raise ValueError(f"every ending needs between 1 and block_size={block_size} tokens")
     rows = [torch.tensor(list(context_ids) + list(e))[-(block_size + 1) :] for e in endings_ids]
@@ -307,7 +314,9 @@ def continuation_logprobs(model, context_ids, endings_ids, block_size=None):
     with evaluating(model):
         logp = token_logprobs(model, x, y)  # (k, L - 1), 0 at padding
     n_targets = [len(r) - 1 for r in rows]  # real targets of each row
-    return torch.stack([logp[i, n - len(e) : n].sum() for i, (n, e) in enumerate(zip(n_targets, endings_ids))])
+    return torch.stack(
+        [logp[i, n - len(e) : n].sum() for i, (n, e) in enumerate(zip(n_targets, endings_ids))]
+    )
 # --8<-- [end:exercise-3]
 
 
@@ -358,15 +367,17 @@ def load_tasks(path):
             raise ValueError(f"{path}:{lineno}: missing {sorted(missing)}")
         if not 0 <= int(task["label"]) < len(task["endings"]):
             raise ValueError(f"{path}:{lineno}: label {task['label']} is not an ending's index")
-        tasks.append({"ctx": task["ctx"], "endings": list(task["endings"]), "label": int(task["label"])})
+        tasks.append(
+            {"ctx": task["ctx"], "endings": list(task["endings"]), "label": int(task["label"])}
+        )
     return tasks
 
 
 PLAIN_WORD = re.compile(r"[A-Za-z][a-z]{0,9}[,.;:]?")  # a word of 1 to 10 letters, maybe a comma...
 
 
-def completion_tasks(text, n_tasks, n_endings=4, context_words=12, max_ending_words=5, split_words=False,
-                     seed=0):
+def completion_tasks(text, n_tasks, n_endings=4, context_words=12, max_ending_words=5,
+                     split_words=False, seed=0):
     """Multiple-choice completion tasks cut from the plain prose of a text, in HellaSwag's
     format: {"ctx": str, "endings": [str, ...], "label": index of the right ending}.
 
@@ -388,13 +399,17 @@ def completion_tasks(text, n_tasks, n_endings=4, context_words=12, max_ending_wo
         for _ in range(100_000):
             n = rng.randint(1, max_ending_words)
             i = rng.randrange(context_words, len(words) - max_ending_words)
-            ok = all(plain[i - (context_words if avoid is None else 0) : i + n]) and len(words[i]) >= shortest
+            ok = (
+                all(plain[i - (context_words if avoid is None else 0) : i + n])
+                and len(words[i]) >= shortest
+            )
             if ok and (avoid is None or abs(i - avoid) > context_words + max_ending_words):
                 return i, n, rng.randint(1, len(words[i].rstrip(",.;:")) - 1) if split_words else 0
         raise ValueError("the text has too little plain prose to cut tasks from")
 
     def ending(i, n, cut):
-        return (" " + " ".join(words[i : i + n]))[cut + 1 :] if cut else " " + " ".join(words[i : i + n])
+        return ((" " + " ".join(words[i : i + n]))[cut + 1 :] if cut
+                else " " + " ".join(words[i : i + n]))
 
     tasks = []
     for _ in range(n_tasks):
@@ -478,7 +493,8 @@ def sampling_sweep(model, prompt_ids, settings, n_samples=8, n_tokens=100, seed=
     with evaluating(model):
         for setting in settings:
             generator = torch.Generator(device=device).manual_seed(seed)
-            out = generate(model, prompt, n_tokens, generator=generator, **setting)  # (n, P + n_tokens)
+            # (n, P + n_tokens)
+            out = generate(model, prompt, n_tokens, generator=generator, **setting)
             samples = out[:, prompt.shape[1] :].tolist()
             rows.append({**setting, **sample_diagnostics(samples), "samples": samples})
     return rows
@@ -507,7 +523,9 @@ def _tiny_docs_model(**settings):
     tokenizer = CharTokenizer.from_text(text)
     train_ids, val_ids = split_train_val(torch.tensor(tokenizer.encode(text)))
     cfg = make_config("tiny", device="cpu", **settings)
-    model, history = train_gpt(cfg, TokenBatches(train_ids, val_ids, cfg.model.block_size), tokenizer.vocab_size)
+    model, history = train_gpt(
+        cfg, TokenBatches(train_ids, val_ids, cfg.model.block_size), tokenizer.vocab_size
+    )
     return model, tokenizer, val_ids, history
 
 
@@ -520,8 +538,8 @@ def context_and_stride_history(strides=(64, 32, 16, 8, 4, 2, 1), **settings):
 
 def overfit_config(data, **overrides):
     """A wide one-layer GPT, no weight decay: on a tiny text it has capacity to memorise."""
-    settings = dict(data=str(data), out_dir=None, n_layer=1, d_model=128, block_size=32, weight_decay=0.0,
-                    eval_interval=30, eval_iters=8, device="cpu")
+    settings = dict(data=str(data), out_dir=None, n_layer=1, d_model=128, block_size=32,
+                    weight_decay=0.0, eval_interval=30, eval_iters=8, device="cpu")
     return make_config("tiny", **{**settings, **overrides})
 
 
@@ -531,19 +549,22 @@ def learning_curves_history(tiny_chars=3000, **settings):
     with tempfile.TemporaryDirectory() as tmp:
         tiny = Path(tmp) / "tiny.txt"
         tiny.write_text(python_docs_text()[:tiny_chars], encoding="utf-8")
-        runs = [("the Python docs: 420,000 training characters", overfit_config("python-docs", **settings)),
+        runs = [("the Python docs: 420,000 training characters",
+                 overfit_config("python-docs", **settings)),
                 (f"the first {tiny_chars:,} characters, 70% of them for training",
                  overfit_config(tiny, val_fraction=0.3, **settings))]
         return {"tiny_chars": tiny_chars,
-                "runs": [{"title": title, "history": train(cfg, log=lambda s: None)} for title, cfg in runs]}
+                "runs": [{"title": title, "history": train(cfg, log=lambda s: None)}
+                         for title, cfg in runs]}
 
 
 # --8<-- [start:capstone]
 def capstone_history(data="python-docs", eval_interval=50, eval_iters=20, **settings):
     """The history of a run of Chapter 8's capstone recipe (RECIPES["book"]) on ``data``;
     settings override the recipe's (max_iters=5 runs only its first 5 iterations)."""
-    cfg = make_config("book", data=str(data), out_dir=None, eval_interval=eval_interval, eval_iters=eval_iters,
-                      sample_tokens=0, progress=False, device="cpu", **settings)
+    cfg = make_config("book", data=str(data), out_dir=None, eval_interval=eval_interval,
+                      eval_iters=eval_iters, sample_tokens=0, progress=False, device="cpu",
+                      **settings)
     return train(cfg, log=lambda s: None)
 # --8<-- [end:capstone]
 
@@ -557,8 +578,9 @@ def sampling_diagnostics_history(top_ps=(1.0, 0.9, 0.5), **settings):
     model, tokenizer, val_ids, history = _tiny_docs_model(**settings)
     prompt = tokenizer.encode("The ")
     sweeps = {str(top_p): [{k: v for k, v in row.items() if k != "samples"}
-                           for row in sampling_sweep(model, prompt, [{"temperature": t, "top_p": top_p}
-                                                                     for t in SAMPLING_TEMPERATURES])]
+                           for row in sampling_sweep(model, prompt,
+                                                     [{"temperature": t, "top_p": top_p}
+                                                      for t in SAMPLING_TEMPERATURES])]
               for top_p in top_ps}
     return {"history": history, "temperatures": SAMPLING_TEMPERATURES, "sweeps": sweeps,
             "reference": reference_diagnostics(val_ids.tolist())}
@@ -577,8 +599,8 @@ def plot_context_and_stride(run=None):
     strides = [r["stride"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax1.plot(range(1, len(by_position) + 1), by_position, "o-", ms=3)
-    ax1.set(xlabel="tokens of context (position in the window + 1)", ylabel="mean loss (nats per token)",
-            title="More context, lower loss")
+    ax1.set(xlabel="tokens of context (position in the window + 1)",
+            ylabel="mean loss (nats per token)", title="More context, lower loss")
     ax1.grid(alpha=0.3)
     ax2.plot(strides, [r["loss"] for r in rows], "o-", color="C0")
     ax2.set_ylabel("held-out loss (nats per token)", color="C0")
@@ -602,11 +624,14 @@ def plot_learning_curves(run=None):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, curve in zip(axes, run["runs"]):
         history = curve["history"]
-        ax.plot(range(1, len(history["train"]) + 1), smooth(history["train"], 20), label="training (smoothed)")
+        ax.plot(range(1, len(history["train"]) + 1), smooth(history["train"], 20),
+                label="training (smoothed)")
         steps, vals = zip(*history["val"])
         ax.plot(steps, vals, "o-", ms=3, label="validation")
         it, loss = best_checkpoint(history)
-        ax.plot([it], [loss], "*", ms=14, color="C3", label=f"lowest validation loss (iteration {it})")
+        ax.plot(
+            [it], [loss], "*", ms=14, color="C3", label=f"lowest validation loss (iteration {it})"
+        )
         ax.set(xlabel="iteration", title=curve["title"])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -634,7 +659,9 @@ def plot_capstone_curves(run=None):
     gap_steps, gaps = zip(*generalization_gap(history))
     ax2.plot(gap_steps, gaps, "o-", ms=3, color="C2")
     ax2.axhline(0, color="gray", lw=0.8)
-    ax2.set(xlabel="iteration", ylabel="validation - training (nats)", title="The generalisation gap")
+    ax2.set(
+        xlabel="iteration", ylabel="validation - training (nats)", title="The generalisation gap"
+    )
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -650,7 +677,8 @@ def plot_sampling_diagnostics(run=None):
     for top_p, rows in run["sweeps"].items():
         ax1.plot(temperatures, [r["distinct_2"] for r in rows], "o-", label=f"top-p {top_p}")
         ax2.plot(temperatures, [r["repetition_4"] for r in rows], "o-", label=f"top-p {top_p}")
-    for ax, key, name in [(ax1, "distinct_2", "distinct-2"), (ax2, "repetition_4", "repetition rate of 4-grams")]:
+    for ax, key, name in [(ax1, "distinct_2", "distinct-2"),
+                          (ax2, "repetition_4", "repetition rate of 4-grams")]:
         ax.axhline(reference[key], color="gray", ls="--", label="held-out text")
         ax.set(xlabel="temperature", ylabel=name)
         ax.grid(alpha=0.3)
