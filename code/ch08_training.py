@@ -58,8 +58,10 @@ def lm_loss(logits, targets):
     """Mean cross-entropy of next-token predictions: logits (B, T, V), targets (B, T).
     A target of -1 is left out of the mean (padding, or a token not to be learned)."""
     if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+        raise ValueError(
+            f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-1)
 
 
 def naive_cross_entropy(logits, targets):
@@ -170,7 +172,8 @@ def clip_grad_norm(parameters, max_norm):
         return torch.tensor(0.0)
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    scale = torch.where(torch.isfinite(total), scale, 1.0)  # NaN or inf: leave them for the trainer to report
+    # NaN or inf: leave them for the trainer to report
+    scale = torch.where(torch.isfinite(total), scale, 1.0)
     for g in grads:
         g.mul_(scale)
     return total
@@ -290,7 +293,8 @@ TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-CACHE_DIR = Path(os.environ.get("LLM_FROM_SCRATCH_CACHE", Path.home() / ".cache" / "llm-from-scratch"))
+CACHE_DIR = Path(
+    os.environ.get("LLM_FROM_SCRATCH_CACHE", Path.home() / ".cache" / "llm-from-scratch"))
 
 
 def fetch(url, sha256, path):
@@ -323,13 +327,15 @@ def read_corpus(name="python-docs"):
             path = fetch(TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256, cached)
         except (OSError, ValueError) as error:  # offline, or a corrupted download
             warnings.warn(f"could not get Tiny Shakespeare ({error}), so this run trains on the "
-                          f"{PYTHON_DOCS} instead. To train on Shakespeare offline, save {TINY_SHAKESPEARE_URL} "
-                          f"as {cached} (the folder is $LLM_FROM_SCRATCH_CACHE) or pass --data PATH to a copy")
+                          f"{PYTHON_DOCS} instead. To train on Shakespeare offline, save "
+                          f"{TINY_SHAKESPEARE_URL} as {cached} (the folder is "
+                          "$LLM_FROM_SCRATCH_CACHE) or pass --data PATH to a copy")
             return python_docs_text(), f"{PYTHON_DOCS}, in place of Tiny Shakespeare (offline)"
         return read_text_file(path), str(path)
     path = Path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"no corpus named {name!r}: use {' or '.join(CORPORA)}, or the path of a text file")
+        raise FileNotFoundError(f"no corpus named {name!r}: use {' or '.join(CORPORA)}, "
+                                "or the path of a text file")
     return read_text_file(path), str(path.resolve())
 
 
@@ -352,8 +358,8 @@ def load_corpus(name="python-docs"):
 
 def corpus_record(name, text, source):
     """What a run was trained on, as data.json in its folder records it (run_data_info)."""
-    return {"corpus": name, "source": source, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-            "chars": len(text)}
+    return {"corpus": name, "source": source,
+            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "chars": len(text)}
 # --8<-- [end:corpus]
 
 
@@ -363,7 +369,8 @@ def get_batch(data, block_size, batch_size, generator, device="cpu"):
     if len(data) <= block_size:
         raise ValueError(f"{len(data)} tokens are too few for windows of {block_size + 1}")
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    windows = np.stack([np.asarray(data[s : s + block_size + 1], dtype=np.int64) for s in starts.tolist()])
+    windows = np.stack([np.asarray(data[s : s + block_size + 1], dtype=np.int64)
+                        for s in starts.tolist()])
     windows = torch.from_numpy(windows).to(device)  # (B, T + 1)
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # y: x shifted by one
 
@@ -403,7 +410,8 @@ class WindowDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         start = i * self.block_size
-        window = torch.from_numpy(np.asarray(self.data[start : start + self.block_size + 1], dtype=np.int64))
+        window = torch.from_numpy(
+            np.asarray(self.data[start : start + self.block_size + 1], dtype=np.int64))
         return window[:-1], window[1:]
 # --8<-- [end:batches]
 
@@ -422,7 +430,8 @@ def save_checkpoint(path, model, optimizer, step, generator, meta, frozen=True):
 
     weights = model.state_dict(keep_vars=True)
     if not frozen:
-        weights = {k: v for k, v in weights.items() if not isinstance(v, torch.nn.Parameter) or v.requires_grad}
+        weights = {k: v for k, v in weights.items()
+                   if not isinstance(v, torch.nn.Parameter) or v.requires_grad}
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in weights.items()}
     optim = optimizer.state_dict()
     for index, state in optim["state"].items():
@@ -483,9 +492,12 @@ def load_checkpoint(path, model, optimizer=None, generator=None, restore_rng=Fal
         tensors = load(data)
         info = json.loads(_safetensors_metadata(data)["book"])
     except (SafetensorError, KeyError, ValueError, OSError) as error:
-        raise ValueError(f"{path} is not a checkpoint of this book (safetensors): {error}") from None
-    if not (isinstance(info, dict) and isinstance(info.get("step"), int) and isinstance(info.get("param_groups"), list)):
-        raise ValueError(f"{path}: its metadata is not what save_checkpoint writes (a step and param_groups)")
+        raise ValueError(
+            f"{path} is not a checkpoint of this book (safetensors): {error}") from None
+    if not (isinstance(info, dict) and isinstance(info.get("step"), int)
+            and isinstance(info.get("param_groups"), list)):
+        raise ValueError(f"{path}: its metadata is not what save_checkpoint writes "
+                         "(a step and param_groups)")
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     check_weights(path, weights, model.state_dict(), every=info.get("frozen", True))
     model.load_state_dict(weights, strict=False)  # check_weights has compared names and shapes
@@ -495,7 +507,8 @@ def load_checkpoint(path, model, optimizer=None, generator=None, restore_rng=Fal
             if key.startswith("optim."):
                 _, index, name = key.split(".", 2)
                 state.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": state, "param_groups": _untag_tuples(info["param_groups"])})
+        optimizer.load_state_dict(
+            {"state": state, "param_groups": _untag_tuples(info["param_groups"])})
     if restore_rng:
         torch.set_rng_state(tensors["rng.torch"])
     if generator is not None:
@@ -512,7 +525,8 @@ def check_weights(path, weights, expected, every=True):
     reshaped = [f"{k} {tuple(weights[k].shape)}, not {tuple(v.shape)}"
                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
     problems = [f"{kind} {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
-                for kind, names in [("missing", missing), ("unknown", unknown), ("of another shape", reshaped)] if names]
+                for kind, names in [("missing", missing), ("unknown", unknown),
+                                    ("of another shape", reshaped)] if names]
     if problems:
         raise ValueError(f"{path} does not fit this model; tensors {'; '.join(problems)}")
     for name, value in weights.items():
@@ -534,7 +548,8 @@ def checkpoint_metadata(path):
         with safe_open(str(path), framework="pt") as f:
             return json.loads((f.metadata() or {})["book"])
     except (SafetensorError, KeyError, ValueError, OSError) as error:
-        raise ValueError(f"{path} is not a checkpoint of this book (safetensors): {error!r}") from None
+        raise ValueError(
+            f"{path} is not a checkpoint of this book (safetensors): {error!r}") from None
 # --8<-- [end:checkpoint]
 
 
@@ -559,11 +574,12 @@ def lock_run_folder(out_dir):
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "a process that has not said who it is yet"
-            raise RuntimeError(f"{out} is in use by another trainer ({holder}): wait for it to end, "
-                               "or train in another --out-dir") from None
+            raise RuntimeError(f"{out} is in use by another trainer ({holder}): "
+                               "wait for it to end, or train in another --out-dir") from None
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, "
+                f"started {time.strftime('%Y-%m-%d %H:%M:%S')}")
         f.flush()
         yield
 
@@ -579,7 +595,8 @@ def remove_leftovers(folder):
     removed = []
     for path in sorted(Path(folder).iterdir()):
         match = ATOMIC_TMP_NAME.fullmatch(path.name)
-        if match and path.is_file() and Path(match["stem"] + match["suffix"]).suffix == match["suffix"]:
+        if (match and path.is_file()
+                and Path(match["stem"] + match["suffix"]).suffix == match["suffix"]):
             path.unlink()
             removed.append(path.name)
     return removed
@@ -618,18 +635,22 @@ class TrainConfig:
     weight_decay: float = setting(0.1, "AdamW's decoupled weight decay of the matrices")
     beta1: float = setting(0.9, "AdamW's decay rate of the running mean of gradients")
     beta2: float = setting(0.99, "AdamW's decay rate of the running mean of squared gradients")
-    grad_clip: float = setting(1.0, "the largest global norm of the gradients; larger ones are scaled")
-    fused_adamw: bool = setting(False, "PyTorch's one-kernel AdamW instead of the book's (same update)")
+    grad_clip: float = setting(1.0, "the largest global norm of the gradients; "
+                                    "larger ones are scaled")
+    fused_adamw: bool = setting(False, "PyTorch's one-kernel AdamW instead of the book's "
+                                       "(same update)")
     # evaluation, samples, checkpoints
     eval_interval: int = setting(250, "steps between evaluations, samples and checkpoints")
     eval_iters: int = setting(200, "batches per validation loss; 0: no validation loss")
     sample_tokens: int = setting(200, "characters of sample text at each evaluation; 0: none")
     out_dir: str | None = setting("runs/default", "the run's folder (checkpoint, token files, loss "
                                                   "plot); a run in it resumes. None: keep nothing")
-    save_frozen: bool = setting(True, "checkpoints hold frozen weights too (off: fine-tuning a big model)")
+    save_frozen: bool = setting(True, "checkpoints hold frozen weights too "
+                                      "(off: fine-tuning a big model)")
     # machine
     device: str = setting("auto", "auto (cuda if there is one), cpu, cuda, cuda:1, mps")
-    precision: str = setting("auto", "auto (bf16 or fp16 on a GPU, fp32 on a CPU), fp32, bf16, fp16")
+    precision: str = setting("auto", "auto (bf16 or fp16 on a GPU, fp32 on a CPU), "
+                                     "fp32, bf16, fp16")
     compile: bool = setting(False, "run the model through torch.compile")
     seed: int = setting(1337, "seed of the initial weights, dropout and batches")
     progress: bool = setting(True, "show a progress bar (tqdm)")
@@ -642,7 +663,8 @@ class TrainConfig:
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AT_LEAST_1 = ("batch_size", "grad_accum", "max_iters", "eval_interval")
-AT_LEAST_0 = ("eval_iters", "sample_tokens", "warmup_iters", "decay_iters", "lr", "min_lr", "weight_decay")
+AT_LEAST_0 = ("eval_iters", "sample_tokens", "warmup_iters", "decay_iters", "lr", "min_lr",
+              "weight_decay")
 
 
 def check_settings(cfg):
@@ -650,7 +672,8 @@ def check_settings(cfg):
     work: a TOML file's n_layer = "two", max_iters = 3.5 or progress = "no", --lr nan."""
     if not isinstance(cfg.model, GPTConfig):
         raise ValueError(f"model must be a GPTConfig, got {cfg.model!r}")
-    check_types(TrainConfig, {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "model"})
+    check_types(TrainConfig, {f.name: getattr(cfg, f.name)
+                              for f in dataclasses.fields(cfg) if f.name != "model"})
     for name in AT_LEAST_1:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
@@ -658,17 +681,20 @@ def check_settings(cfg):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must not be negative, got {getattr(cfg, name)}")
     if not (cfg.lr > 0 and cfg.grad_clip > 0 and 0 < cfg.val_fraction < 1):
-        raise ValueError(f"lr and grad_clip must be positive and val_fraction in (0, 1), got lr={cfg.lr}, "
-                         f"grad_clip={cfg.grad_clip}, val_fraction={cfg.val_fraction}")
+        raise ValueError("lr and grad_clip must be positive and val_fraction in (0, 1), "
+                         f"got lr={cfg.lr}, grad_clip={cfg.grad_clip}, "
+                         f"val_fraction={cfg.val_fraction}")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise ValueError(f"beta1 and beta2 must be in [0, 1), got {cfg.beta1} and {cfg.beta2}")
     if cfg.precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise ValueError(
+            f"unknown precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if cfg.device != "auto":
         try:
             torch.device(cfg.device)
         except RuntimeError:
-            raise ValueError(f"unknown device {cfg.device!r}: use auto, cpu, cuda, cuda:1, mps, ...") from None
+            raise ValueError(
+                f"unknown device {cfg.device!r}: use auto, cpu, cuda, cuda:1, mps, ...") from None
 
 
 def check_types(cls, values):
@@ -676,7 +702,8 @@ def check_types(cls, values):
     a float, but a bool is not an int, and a float must be finite. Returns values."""
     fields = {f.name: f.type for f in dataclasses.fields(cls)}
     for name, value in values.items():
-        kinds = fields[name].__args__ if isinstance(fields.get(name), types.UnionType) else (fields.get(name),)
+        kinds = (fields[name].__args__ if isinstance(fields.get(name), types.UnionType)
+                 else (fields.get(name),))
         if name not in fields or (value is None and type(None) in kinds):
             continue  # an unknown name is the dataclass's own error
         kind = next(k for k in kinds if k is not type(None))
@@ -687,9 +714,11 @@ def check_types(cls, values):
 
 TYPE_CHECKS = {bool: lambda v: isinstance(v, bool),
                int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-               float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+               float: lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                 and math.isfinite(v)),
                str: lambda v: isinstance(v, str)}
-TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}
+TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a finite number",
+              str: "a string"}
 
 
 # TrainConfig's defaults are nanoGPT's CPU recipe; the capstone at the end of the chapter
@@ -698,8 +727,8 @@ TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a finite num
 # for the figures and examples of the chapters.
 RECIPES = {
     "nanogpt": {},
-    "book": dict(positions="rope", mlp="relu", lr=3e-3, warmup_iters=50, max_iters=900, decay_iters=900,
-                 fused_adamw=True),
+    "book": dict(positions="rope", mlp="relu", lr=3e-3, warmup_iters=50, max_iters=900,
+                 decay_iters=900, fused_adamw=True),
     "tiny": dict(n_layer=2, n_head=2, d_model=64, positions="rope", batch_size=16, max_iters=300,
                  warmup_iters=30, decay_iters=300, lr=3e-3, eval_interval=100, eval_iters=10,
                  sample_tokens=0, progress=False),
@@ -713,7 +742,8 @@ def make_config(recipe="nanogpt", **settings):
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
     values = {**RECIPES[recipe], **settings}
-    model = check_types(GPTConfig, {name: values.pop(name) for name in MODEL_SETTINGS if name in values})
+    model = check_types(GPTConfig, {name: values.pop(name)
+                                    for name in MODEL_SETTINGS if name in values})
     cfg = TrainConfig(**values)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model))
 # --8<-- [end:train-config]
@@ -764,22 +794,29 @@ def prepare_data(cfg, write=True, corpus=None):
     if out is None or write:
         text, source = corpus or read_corpus(cfg.data)
         tokenizer = CharTokenizer.from_text(text)
-        train_ids, val_ids = split_train_val(np.array(tokenizer.encode(text), dtype=np.int64), cfg.val_fraction)
-        for split, ids in [("training", train_ids), ("validation", val_ids)]:  # refused before any work
+        train_ids, val_ids = split_train_val(np.array(tokenizer.encode(text), dtype=np.int64),
+                                             cfg.val_fraction)
+        # refused before any work
+        for split, ids in [("training", train_ids), ("validation", val_ids)]:
             if len(ids) <= block_size:
-                raise ValueError(f"{source}: its {split} part has {len(ids)} characters, too few for windows of "
-                                 f"{block_size + 1}; use a longer text or a smaller --block-size")
+                raise ValueError(f"{source}: its {split} part has {len(ids)} characters, too few "
+                                 f"for windows of {block_size + 1}; use a longer text or a "
+                                 "smaller --block-size")
         if out is None:
-            return tokenizer, TokenBatches(train_ids.astype(np.uint16), val_ids.astype(np.uint16), block_size)
+            return tokenizer, TokenBatches(train_ids.astype(np.uint16), val_ids.astype(np.uint16),
+                                           block_size)
         record = corpus_record(cfg.data, text, source)
         if run_data_info(out) != record:  # a new folder, or one whose run has not started
             refuse_other_data(out, record)
             out.mkdir(parents=True, exist_ok=True)
             write_token_file(train_ids, out / "train.npy", tokenizer.vocab_size)
             write_token_file(val_ids, out / "val.npy", tokenizer.vocab_size)
-            write_atomically(out / "tokenizer.json", json.dumps({"chars": tokenizer.chars}).encode())
-            write_atomically(out / "data.json", json.dumps(record, indent=1).encode())  # last: files complete
-    batches = TokenBatches(load_token_file(out / "train.npy"), load_token_file(out / "val.npy"), block_size)
+            write_atomically(out / "tokenizer.json",
+                             json.dumps({"chars": tokenizer.chars}).encode())
+            # last: files complete
+            write_atomically(out / "data.json", json.dumps(record, indent=1).encode())
+    batches = TokenBatches(load_token_file(out / "train.npy"), load_token_file(out / "val.npy"),
+                           block_size)
     return load_run_tokenizer(out), batches
 
 
@@ -804,14 +841,17 @@ def refuse_other_data(out, record):
     recorded = run_data_info(out)
     if recorded is None:  # a run from before data.json: its token files still say what it read
         if not all((out / name).exists() for name in ("tokenizer.json", "train.npy", "val.npy")):
-            raise ValueError(f"{out} holds a checkpoint but no record of its data: train in a new --out-dir")
+            raise ValueError(f"{out} holds a checkpoint but no record of its data: "
+                             "train in a new --out-dir")
         tokenizer = load_run_tokenizer(out)
         ids = np.concatenate([load_token_file(out / "train.npy"), load_token_file(out / "val.npy")])
-        recorded = corpus_record("its token files", tokenizer.decode(ids.tolist()), f"{out}/train.npy, val.npy")
+        recorded = corpus_record("its token files", tokenizer.decode(ids.tolist()),
+                                 f"{out}/train.npy, val.npy")
     if recorded["sha256"] != record["sha256"]:
-        raise ValueError(f"{out} holds a run trained on {recorded['source']} ({recorded['chars']:,} characters, "
-                         f"sha256 {recorded['sha256'][:12]}), and --data {record['corpus']} is another text "
-                         f"({record['chars']:,} characters, sha256 {record['sha256'][:12]}): train on it in a "
+        raise ValueError(f"{out} holds a run trained on {recorded['source']} "
+                         f"({recorded['chars']:,} characters, sha256 {recorded['sha256'][:12]}), "
+                         f"and --data {record['corpus']} is another text ({record['chars']:,} "
+                         f"characters, sha256 {record['sha256'][:12]}): train on it in a "
                          "new --out-dir")
 
 
@@ -843,7 +883,8 @@ def check_fits_in_memory(config, what, device="cpu"):
     have = memory_bytes(device)
     if have is not None and need > have:
         raise MemoryError(f"{what}: the model of {gpt_num_parameters(config):,} parameters needs "
-                          f"{need / 2**30:,.1f} GiB for its weights alone; {device} has {have / 2**30:,.1f} GiB")
+                          f"{need / 2**30:,.1f} GiB for its weights alone; "
+                          f"{device} has {have / 2**30:,.1f} GiB")
 
 
 def memory_bytes(device="cpu"):
@@ -877,7 +918,8 @@ def resolve_precision(name, device):
     """(autocast dtype or None, scale the loss?) from the --precision flag."""
     if name == "auto":
         return choose_precision(device)
-    return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[name]
+    return {"fp32": (None, False), "bf16": (torch.bfloat16, False),
+            "fp16": (torch.float16, True)}[name]
 # --8<-- [end:prepare]
 
 
@@ -933,14 +975,17 @@ def train(cfg, model=None, data=None, *, loss_fn=None, evaluate=None, stop_after
     update, so the last checkpoint stays the last good one.
     """
     runtime = runtime or SingleProcess()
-    corpus = read_corpus(cfg.data) if data is None and runtime.is_main else None  # a bad --data makes no folder
+    # a bad --data makes no folder
+    corpus = read_corpus(cfg.data) if data is None and runtime.is_main else None
     owns_folder = cfg.out_dir is not None and runtime.is_main
     with lock_run_folder(cfg.out_dir) if owns_folder else contextlib.nullcontext():
         if owns_folder:
             removed = remove_leftovers(cfg.out_dir)
             if removed:
-                log(f"removed {len(removed)} unfinished file(s) of a killed run: {', '.join(removed)}")
-        return _train(cfg, model, data, corpus, loss_fn or next_token_loss, evaluate, stop_after, log, runtime)
+                log(f"removed {len(removed)} unfinished file(s) of a killed run: "
+                    f"{', '.join(removed)}")
+        return _train(cfg, model, data, corpus, loss_fn or next_token_loss, evaluate, stop_after,
+                      log, runtime)
 
 
 def _train(cfg, model, data, corpus, loss_fn, evaluate, stop_after, log, runtime):
@@ -950,7 +995,8 @@ def _train(cfg, model, data, corpus, loss_fn, evaluate, stop_after, log, runtime
     if data is None:
         with runtime.main_first():  # one process writes the token files, then the others open them
             tokenizer, data = prepare_data(cfg, write=runtime.is_main, corpus=corpus)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
 
     torch.manual_seed(cfg.seed)
     if model is None:
@@ -991,20 +1037,24 @@ def _train(cfg, model, data, corpus, loss_fn, evaluate, stop_after, log, runtime
                 n_tokens += cfg.batch_size * batch[0][0].numel()
         scaler.unscale_(optimizer)
         grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip)
-        *losses, grad_norm = torch.stack([*losses, grad_norm.to(losses[0])]).tolist()  # one sync a step
-        loss_sum = runtime.mean(sum(loss / cfg.grad_accum for loss in losses))  # the whole batch's loss
-        problem = not_finite(loss_sum, 0.0 if scale_loss else grad_norm, model)  # fp16: the scaler skips infs
+        # one sync a step
+        *losses, grad_norm = torch.stack([*losses, grad_norm.to(losses[0])]).tolist()
+        # the whole batch's loss
+        loss_sum = runtime.mean(sum(loss / cfg.grad_accum for loss in losses))
+        # fp16: the scaler skips infs
+        problem = not_finite(loss_sum, 0.0 if scale_loss else grad_norm, model)
         if problem:
             kept = f"; the last good checkpoint, of iteration {saved}, is kept" if saved else ""
-            raise FloatingPointError(f"iteration {it + 1}: {problem}. The run stopped before updating the "
-                                     f"weights{kept}. {NOT_FINITE_ADVICE}")
+            raise FloatingPointError(f"iteration {it + 1}: {problem}. The run stopped before "
+                                     f"updating the weights{kept}. {NOT_FINITE_ADVICE}")
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         history["train"].append(loss_sum)
 
         now = time.perf_counter()
-        bar.set_postfix(loss=f"{loss_sum:.3f}", **({"tok_s": f"{n_tokens / (now - tick):,.0f}"} if n_tokens else {}))
+        bar.set_postfix(loss=f"{loss_sum:.3f}",
+                        **({"tok_s": f"{n_tokens / (now - tick):,.0f}"} if n_tokens else {}))
         bar.update(1)
         tick = now
         done = it + 1
@@ -1013,7 +1063,8 @@ def _train(cfg, model, data, corpus, loss_fn, evaluate, stop_after, log, runtime
             if cfg.eval_iters:
                 val = estimate_loss(model, data, cfg, device, amp_dtype, loss_fn, runtime)
                 if not math.isfinite(val):
-                    raise FloatingPointError(f"iteration {done}: the validation loss is {val}. " + NOT_FINITE_ADVICE)
+                    raise FloatingPointError(f"iteration {done}: the validation loss is {val}. "
+                                             + NOT_FINITE_ADVICE)
                 history["val"].append([done, val])
                 report += f", val {val:.4f}"
             if evaluate:
@@ -1021,13 +1072,14 @@ def _train(cfg, model, data, corpus, loss_fn, evaluate, stop_after, log, runtime
                 report += "".join(f", {k} {v:.4f}" for k, v in history["metrics"][-1][1].items())
             if runtime.is_main:
                 if tokenizer is not None and cfg.sample_tokens:
-                    ids = draw_sample(model, tokenizer.encode("\n"), cfg.sample_tokens, cfg.model.block_size,
-                                      torch.Generator().manual_seed(done))
+                    ids = draw_sample(model, tokenizer.encode("\n"), cfg.sample_tokens,
+                                      cfg.model.block_size, torch.Generator().manual_seed(done))
                     report += "\n" + tokenizer.decode(ids) + "\n"
                 log(report)
                 if checkpoint is not None:
                     save_checkpoint(checkpoint, model, optimizer, done, batches,
-                                    {"config": dataclasses.asdict(cfg), "history": history}, cfg.save_frozen)
+                                    {"config": dataclasses.asdict(cfg), "history": history},
+                                    cfg.save_frozen)
                     save_loss_plot(history, checkpoint.parent / "loss.svg")
                     saved = done
         if done == stop_after:
@@ -1036,8 +1088,9 @@ def _train(cfg, model, data, corpus, loss_fn, evaluate, stop_after, log, runtime
     return history
 
 
-NOT_FINITE_ADVICE = ("Lower --lr (or --grad-clip), train in full precision (--precision fp32), or check the "
-                     "data; Chapter 8's section 'When the loss becomes NaN' shows how to find the cause")
+NOT_FINITE_ADVICE = ("Lower --lr (or --grad-clip), train in full precision (--precision fp32), "
+                     "or check the data; Chapter 8's section 'When the loss becomes NaN' shows "
+                     "how to find the cause")
 
 
 def not_finite(loss, grad_norm, model):
@@ -1045,7 +1098,8 @@ def not_finite(loss, grad_norm, model):
     is not finite; None when all is well. Only the failing step looks at every gradient."""
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return None
-    problem = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+    problem = (f"the loss is {loss}" if not math.isfinite(loss)
+               else f"the gradient norm is {grad_norm}")
     for name, p in model.named_parameters():
         if p.grad is not None and not torch.isfinite(p.grad).all():
             return f"{problem}, and the first gradient that is not finite is {name}'s"
@@ -1093,7 +1147,8 @@ def history_figure(history):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(history["train"]) + 1), history["train"], lw=0.6, alpha=0.6, label="train (batch)")
+    ax.plot(range(1, len(history["train"]) + 1), history["train"], lw=0.6, alpha=0.6,
+            label="train (batch)")
     if history["val"]:
         steps, vals = zip(*history["val"])
         ax.plot(steps, vals, "o-", label="validation")
@@ -1131,7 +1186,8 @@ def arg_parser():
     field's help text and default, plus --recipe and --config."""
     parser = argparse.ArgumentParser(
         description="Train the book's GPT on a text file. Defaults are nanoGPT's CPU recipe; "
-                    "--recipe starts from another, --config reads a TOML file, flags override both.",
+                    "--recipe starts from another, --config reads a TOML file, "
+                    "flags override both.",
         allow_abbrev=False)  # --max-iter is an error, not --max-iters
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="nanogpt",
                         help="the settings to start from (default: nanogpt, nanoGPT's CPU recipe)")
@@ -1142,9 +1198,11 @@ def arg_parser():
         kind = _flag_type(field.type)
         text = flag_help(field, recipes).replace("%", "%%")  # argparse formats help with %
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=text)
         else:
-            parser.add_argument(flag, type=kind, default=None, metavar={int: "N", float: "X"}.get(kind), help=text)
+            parser.add_argument(flag, type=kind, default=None,
+                                metavar={int: "N", float: "X"}.get(kind), help=text)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
@@ -1185,7 +1243,8 @@ def _flag_type(annotation):
 
 
 def main(argv=None):
-    warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
+    warnings.showwarning = (
+        lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr))
     history = train(parse_args(argv))
     if history["val"]:
         print(f"final validation loss {history['val'][-1][1]:.4f}")
@@ -1230,12 +1289,14 @@ def plot_lr_schedule():
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot(steps, [lr_at(s, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters) for s in steps])
     ax.axvline(cfg.warmup_iters, color="gray", ls=":", lw=1)
-    ax.set(xlabel="iteration", ylabel="learning rate", title="Linear warmup, cosine decay to a floor")
+    ax.set(xlabel="iteration", ylabel="learning rate",
+           title="Linear warmup, cosine decay to a floor")
     fig.tight_layout()
     return fig
 
 
-TRAINING_RUN = dict(eval_interval=50, out_dir=None, device="cpu", precision="fp32")  # with the "tiny" recipe
+# the chapter's training run: these settings on top of the "tiny" recipe
+TRAINING_RUN = dict(eval_interval=50, out_dir=None, device="cpu", precision="fp32")
 
 
 def training_run_history(stop_after=None):
@@ -1244,7 +1305,8 @@ def training_run_history(stop_after=None):
     trains: it reads docs/data/ch08_training.training_run.json, which
     python tests/benchmarks/figure_data.py ch08_training.training_run writes."""
     history = train(make_config("tiny", **TRAINING_RUN), stop_after=stop_after, log=lambda s: None)
-    return {"recipe": "tiny", "settings": TRAINING_RUN, "train": history["train"], "val": history["val"]}
+    return {"recipe": "tiny", "settings": TRAINING_RUN, "train": history["train"],
+            "val": history["val"]}
 
 
 def plot_training_run(run=None):

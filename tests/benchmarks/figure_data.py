@@ -1,6 +1,6 @@
 """Write the stored runs that the book's figures are drawn from (docs/data/<name>.json).
 
-    .venv/bin/python tests/benchmarks/figure_data.py ch10_evaluation.capstone [more names] [--out-dir DIR]
+    .venv/bin/python tests/benchmarks/figure_data.py ch10_evaluation.capstone [...] [--out-dir DIR]
     .venv/bin/python tests/benchmarks/figure_data.py --list
 
 A figure that needs a trained model never trains while the book is built: its plot_*
@@ -49,7 +49,8 @@ def record(name, out_dir=DATA_DIR):
     """Run <name>'s history function and write its result to out_dir/<name>.json."""
     tick = time.perf_counter()
     run = history_function(name)()
-    run["recorded"] = {"command": RECORD_COMMAND.format(name=name), "seconds": round(time.perf_counter() - tick, 1),
+    run["recorded"] = {"command": RECORD_COMMAND.format(name=name),
+                       "seconds": round(time.perf_counter() - tick, 1),
                        "torch": torch.__version__, "threads": torch.get_num_threads()}
     path = Path(out_dir) / f"{name}.json"
     write_atomically(path, (json.dumps(run, indent=1) + "\n").encode())
@@ -57,10 +58,14 @@ def record(name, out_dir=DATA_DIR):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write the stored runs the book's figures are drawn from.")
-    parser.add_argument("names", nargs="*", help="stored runs to write, such as ch10_evaluation.capstone")
-    parser.add_argument("--out-dir", default=DATA_DIR, help="where to write <name>.json (default docs/data)")
-    parser.add_argument("--list", action="store_true", help="list the stored runs and what each costs")
+    parser = argparse.ArgumentParser(
+        description="Write the stored runs the book's figures are drawn from.")
+    parser.add_argument("names", nargs="*",
+                        help="stored runs to write, such as ch10_evaluation.capstone")
+    parser.add_argument("--out-dir", default=DATA_DIR,
+                        help="where to write <name>.json (default docs/data)")
+    parser.add_argument("--list", action="store_true",
+                        help="list the stored runs and what each costs")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     if args.list or not args.names:
