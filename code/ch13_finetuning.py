@@ -14,7 +14,8 @@ held-out data against a baseline:
   (held-out loss), and what fine-tuning costs the model on questions it could answer before.
 
     .venv/bin/python code/ch13_finetuning.py classify --trainable last-block
-    .venv/bin/python code/ch13_finetuning.py sft --task arithmetic --method lora --out-dir runs/arithmetic
+    .venv/bin/python code/ch13_finetuning.py sft --task arithmetic --method lora \\
+        --out-dir runs/arithmetic
 
 Depends on torch, the standard library and chapters 2, 6, 8, 9, 10 and 12. safetensors
 (weights files), tqdm (progress bars, through Chapter 8) and matplotlib (plots) are imported
@@ -23,7 +24,8 @@ where they are used.
 Shapes: B batch, T sequence length, C model width, K classes, V vocabulary, N and K the
 output and input widths of a linear layer (its weight is (N, K)), r the rank of an adapter.
 
-Needs: ch02_tokenizer, ch03_embeddings, ch04_attention, ch05_block, ch06_gpt, ch08_training, ch09_generation, ch10_evaluation, ch12_pretrained.
+Needs: ch02_tokenizer, ch03_embeddings, ch04_attention, ch05_block, ch06_gpt, ch08_training,
+ch09_generation, ch10_evaluation, ch12_pretrained.
 """
 
 # --8<-- [start:imports]
@@ -49,7 +51,8 @@ import torch.nn.functional as F
 from ch02_tokenizer import write_atomically
 from ch08_training import CACHE_DIR, fetch, make_config, next_token_loss, run_command, train
 from ch09_generation import generate, left_pad
-from ch10_evaluation import evaluating, evaluate_text, multiple_choice_accuracy, pad_right, token_logprobs
+from ch10_evaluation import (evaluating, evaluate_text, multiple_choice_accuracy, pad_right,
+                              token_logprobs)
 from ch12_pretrained import (default_system_message, held_out_text, load_smollm2, question_tasks,
                              render_chat)
 # --8<-- [end:imports]
@@ -63,7 +66,8 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "docs" / "data"  # stored ru
 
 # --8<-- [start:data]
 SMS_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
-SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"  # of the file in the zip
+# of the file in the zip
+SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 INSTRUCTIONS_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
                     "01_main-chapter-code/instruction-data.json")
 INSTRUCTIONS_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
@@ -86,7 +90,8 @@ def sms_spam_path(cache_dir=None):
     except (OSError, zipfile.BadZipFile, KeyError) as error:
         raise offline_error(SMS_URL, path, error) from None
     if hashlib.sha256(data).hexdigest() != SMS_SHA256:
-        raise ValueError(f"the SMSSpamCollection in {SMS_URL} does not have the sha256 {SMS_SHA256}")
+        raise ValueError(
+            f"the SMSSpamCollection in {SMS_URL} does not have the sha256 {SMS_SHA256}")
     write_atomically(path, data)
     return path
 
@@ -164,8 +169,8 @@ def arithmetic_examples(n, split="train", seed=0, digits=3):
         if (a, op, b) in seen or arithmetic_split(a, op, b) != split:
             continue
         seen.add((a, op, b))
-        examples.append({"instruction": f"What is {a} {op} {b}? Answer with the number only.", "input": "",
-                         "output": str(a + b if op == "+" else a - b)})
+        examples.append({"instruction": f"What is {a} {op} {b}? Answer with the number only.",
+                         "input": "", "output": str(a + b if op == "+" else a - b)})
     return examples
 
 
@@ -417,12 +422,13 @@ def bag_of_words_baseline(splits, max_iters=600, lr=0.05, weight_decay=0.01, log
     """A logistic regression on words trained with Chapter 8's train; returns its accuracy
     on each split and the model with its vocabulary."""
     vocabulary = bow_vocabulary([t for t, _ in splits["train"]])
-    tensors = {name: (bow_features([t for t, _ in rows], vocabulary), torch.tensor([float(y) for _, y in rows]))
+    tensors = {name: (bow_features([t for t, _ in rows], vocabulary),
+                      torch.tensor([float(y) for _, y in rows]))
                for name, rows in splits.items()}
     model = LogisticRegression(len(vocabulary))
-    cfg = make_config("tiny", lr=lr, max_iters=max_iters, warmup_iters=10, decay_iters=max_iters, batch_size=64,
-                      weight_decay=weight_decay, eval_interval=max_iters, eval_iters=0, out_dir=None,
-                      device="cpu", precision="fp32")
+    cfg = make_config("tiny", lr=lr, max_iters=max_iters, warmup_iters=10, decay_iters=max_iters,
+                      batch_size=64, weight_decay=weight_decay, eval_interval=max_iters,
+                      eval_iters=0, out_dir=None, device="cpu", precision="fp32")
     train(cfg, model, TensorBatches(tensors), loss_fn=logistic_regression_loss, log=log)
     with torch.no_grad():
         scores = {f"{name}_accuracy": ((model(x) > 0).float() == y).float().mean().item()
@@ -440,7 +446,8 @@ def user_turn_ids(tokenizer, content):
     """The ids of one user message in the model's chat template, ending where the
     assistant's answer starts."""
     system = default_system_message(tokenizer.chat_template)
-    return tokenizer.encode(render_chat([{"role": "user", "content": content}], system), allowed_special="all")
+    return tokenizer.encode(render_chat([{"role": "user", "content": content}], system),
+                            allowed_special="all")
 
 
 @torch.no_grad()
@@ -458,8 +465,10 @@ def zero_shot_log_odds(model, tokenizer, texts, batch_size=16):
             prompts = [torch.tensor(user_turn_ids(tokenizer, SPAM_QUESTION.format(text=t)))
                        for t in texts[start:start + batch_size]]
             logits, _ = model(pad_right(prompts, 0).to(device))  # (B, T, V)
-            last = last_token(logits, torch.tensor([len(p) for p in prompts], device=device))  # (B, V)
-            log_odds.append((last[:, yes[0]] - last[:, no[0]]).float().cpu())  # the softmax's sum cancels
+            # (B, V)
+            last = last_token(logits, torch.tensor([len(p) for p in prompts], device=device))
+            # the softmax's sum cancels
+            log_odds.append((last[:, yes[0]] - last[:, no[0]]).float().cpu())
     return torch.cat(log_odds)
 # --8<-- [end:zero-shot]
 
@@ -481,7 +490,8 @@ class LoRALinear(nn.Module):
     def __init__(self, base, r=8, alpha=16, dropout=0.0):
         super().__init__()
         if not isinstance(base, nn.Linear) or r < 1:
-            raise ValueError(f"LoRALinear wraps an nn.Linear with a rank r >= 1, got {type(base).__name__}, r={r}")
+            raise ValueError(f"LoRALinear wraps an nn.Linear with a rank r >= 1, "
+                             f"got {type(base).__name__}, r={r}")
         self.base, self.r, self.alpha, self.scaling = base, r, alpha, alpha / r
         base.requires_grad_(False)
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
@@ -576,7 +586,9 @@ def finetuned_weights(model):
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            weight = module.base.weight if module.merged else module.base.weight + module.delta_weight()
+            weight = (
+                module.base.weight if module.merged else module.base.weight + module.delta_weight()
+            )
             out[f"{name}.weight"] = weight.detach()
     for name, p in model.named_parameters():  # shared parameters once
         if p.requires_grad and not name.endswith(("lora_A", "lora_B")):
@@ -639,9 +651,11 @@ class SFTBatches:
     splits: {name: [(prompt ids, response ids), ...]} (tokenize_examples)."""
 
     def __init__(self, splits, packing=False, row_len=256):
-        too_long = [len(p) + len(r) for rows in splits.values() for p, r in rows if len(p) + len(r) > row_len + 1]
+        too_long = [len(p) + len(r) for rows in splits.values() for p, r in rows
+                    if len(p) + len(r) > row_len + 1]
         if packing and too_long:
-            raise ValueError(f"{len(too_long)} examples are longer than row_len + 1 = {row_len + 1} tokens")
+            raise ValueError(
+                f"{len(too_long)} examples are longer than row_len + 1 = {row_len + 1} tokens")
         self.splits, self.packing, self.row_len = splits, packing, row_len
 
     def get_batch(self, split, batch_size, generator, device="cpu"):
@@ -651,7 +665,9 @@ class SFTBatches:
             return pad_examples([sft_tensors(*examples[i]) for i in rows], device)
         rows, row = [], []
         while len(rows) < batch_size:  # draw examples, fill rows one after the other
-            x, y, mask = sft_tensors(*examples[torch.randint(len(examples), (1,), generator=generator).item()])
+            x, y, mask = sft_tensors(
+                *examples[torch.randint(len(examples), (1,), generator=generator).item()]
+            )
             if sum(len(part[0]) for part in row) + len(x) > self.row_len:
                 rows.append(row)
                 row = []
@@ -662,13 +678,15 @@ class SFTBatches:
         """Padded batches of a split's examples, each once, in order (for evaluation)."""
         examples = self.splits[split]
         for start in range(0, len(examples), batch_size):
-            yield pad_examples([sft_tensors(*e) for e in examples[start:start + batch_size]], device)
+            yield pad_examples([sft_tensors(*e) for e in examples[start:start + batch_size]],
+                               device)
 
 
 def pad_examples(tensors, device):
     """[(x, y, loss_mask), ...] -> x, y, loss_mask (B, T), padded on the right (y with -1)."""
     x, y, mask = zip(*tensors)
-    return pad_right(x, 0).to(device), pad_right(y, -1).to(device), pad_right(mask, 0).bool().to(device)
+    return (pad_right(x, 0).to(device), pad_right(y, -1).to(device),
+            pad_right(mask, 0).bool().to(device))
 
 
 def pack_rows(rows, row_len, device):
@@ -676,7 +694,8 @@ def pack_rows(rows, row_len, device):
     loss_mask and documents (B, row_len), documents[b, t] the number of the example that
     token t belongs to in its row (-1 for padding)."""
     out = [torch.full((len(rows), row_len), fill, dtype=dtype)
-           for fill, dtype in ((0, torch.long), (-1, torch.long), (False, torch.bool), (-1, torch.long))]
+           for fill, dtype in ((0, torch.long), (-1, torch.long), (False, torch.bool),
+                               (-1, torch.long))]
     for b, row in enumerate(rows):
         t = 0
         for doc, (x, y, mask) in enumerate(row):
@@ -699,7 +718,8 @@ def packed_logits(model, x, documents):
     its own document (a block-diagonal causal mask), and positions restart at each document,
     so each example is computed as if it were alone in its row."""
     positions = document_positions(documents)  # (B, T)
-    same = documents[:, None, :, None] == documents[:, None, None, :]  # (B, 1, T, T); causal is added
+    # (B, 1, T, T); causal is added
+    same = documents[:, None, :, None] == documents[:, None, None, :]
     return model(x, positions=positions, attn_mask=same)[0]  # (B, T, V)
 
 
@@ -707,7 +727,8 @@ def packed_loss(model, batch):
     """train()'s loss for packed rows: the mean next-token loss over the response tokens."""
     x, y, loss_mask, documents = batch
     logits = packed_logits(model, x, documents)
-    return F.cross_entropy(logits.flatten(0, 1), y.masked_fill(~loss_mask, -1).flatten(), ignore_index=-1)
+    return F.cross_entropy(logits.flatten(0, 1), y.masked_fill(~loss_mask, -1).flatten(),
+                           ignore_index=-1)
 # --8<-- [end:sft-batches]
 
 
@@ -783,7 +804,8 @@ def save_finetuned(model, path, **metadata):
 def load_finetuned(path, device="cpu"):
     """(model, tokenizer): SmolLM2-135M-Instruct with the weights a fine-tuning run saved."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} does not exist: run `python code/ch13_finetuning.py sft ...` first")
+        raise FileNotFoundError(
+            f"{path} does not exist: run `python code/ch13_finetuning.py sft ...` first")
     return load_smollm2(checkpoint=path, device=device)
 # --8<-- [end:load-finetuned]
 
@@ -805,13 +827,15 @@ def token_ids(tokenizer, texts, max_len):
 def classifier_inputs(gpt, tokenizer, splits, start, max_len=128):
     """Each split's inputs for a classifier that starts at block ``start``: the token ids of
     its messages (start 0), or the hidden states that enter that block."""
-    ids = {name: token_ids(tokenizer, [t for t, _ in rows], max_len) for name, rows in splits.items()}
+    ids = {
+        name: token_ids(tokenizer, [t for t, _ in rows], max_len) for name, rows in splits.items()
+    }
     return {name: hidden_states(gpt, x, start) if start else x for name, x in ids.items()}
 
 
-def classifier_run(gpt, tokenizer, splits, trainable="last-block", pooling="last", epochs=2, batch_size=8,
-                   lr=None, inputs=None, seed=123, out_dir=None, evaluations=4, max_iters=None, device="cpu",
-                   log=print):
+def classifier_run(gpt, tokenizer, splits, trainable="last-block", pooling="last", epochs=2,
+                   batch_size=8, lr=None, inputs=None, seed=123, out_dir=None, evaluations=4,
+                   max_iters=None, device="cpu", log=print):
     """Fine-tune gpt (changed in place) into a spam classifier with Chapter 8's train and
     return (a summary: accuracies on each split, time, parameters, the history; the model).
 
@@ -822,26 +846,28 @@ def classifier_run(gpt, tokenizer, splits, trainable="last-block", pooling="last
     start = first_trained_block(trainable, gpt.config.n_layer)
     inputs = inputs or classifier_inputs(gpt, tokenizer, splits, start)
     model = set_trainable(GPTClassifier(gpt, 2, pooling, start), trainable)
-    data = ExampleBatches({name: (inputs[name], [y for _, y in rows]) for name, rows in splits.items()})
+    data = ExampleBatches(
+        {name: (inputs[name], [y for _, y in rows]) for name, rows in splits.items()})
     iters = max(1, round(epochs * len(splits["train"]) / batch_size))
     iters = min(iters, max_iters or iters)
     lr = lr or (5e-5 if trainable == "all" else 1e-3 if trainable == "lora" else 5e-4)
-    cfg = make_config("tiny", lr=lr, min_lr=lr / 10, max_iters=iters, warmup_iters=max(1, iters // 20),
-                      decay_iters=iters, batch_size=batch_size, weight_decay=0.0,
-                      eval_interval=max(1, iters // evaluations), eval_iters=0, out_dir=out_dir, save_frozen=False,
-                      device=device, precision="fp32", seed=seed, progress=out_dir is not None, fused_adamw=True)
+    cfg = make_config("tiny", lr=lr, min_lr=lr / 10, max_iters=iters,
+                      warmup_iters=max(1, iters // 20), decay_iters=iters, batch_size=batch_size,
+                      weight_decay=0.0, eval_interval=max(1, iters // evaluations), eval_iters=0,
+                      out_dir=out_dir, save_frozen=False, device=device, precision="fp32",
+                      seed=seed, progress=out_dir is not None, fused_adamw=True)
     history = train(cfg, model, data, loss_fn=classification_loss,
                     evaluate=lambda m: {"val_accuracy": accuracy(m, data, "val")}, log=log)
     scores = {f"{name}_accuracy": accuracy(model, data, name) for name in splits}
     n_trainable, n_total = count_parameters(model)
     return dict(trainable=trainable, pooling=pooling, **scores, seconds=time.perf_counter() - tick,
-                trainable_params=n_trainable, total_params=n_total, iters=iters, lr=lr, batch_size=batch_size,
-                history=history), model
+                trainable_params=n_trainable, total_params=n_total, iters=iters, lr=lr,
+                batch_size=batch_size, history=history), model
 
 
-def sft_run(model, tokenizer, task="arithmetic", method="lora", steps=200, batch_size=8, lr=None, lora_rank=8,
-            lora_alpha=16, packing=False, n_train=2000, n_test=100, max_len=256, seed=123, out_dir=None,
-            eval_interval=None, device="cpu", log=print):
+def sft_run(model, tokenizer, task="arithmetic", method="lora", steps=200, batch_size=8, lr=None,
+            lora_rank=8, lora_alpha=16, packing=False, n_train=2000, n_test=100, max_len=256,
+            seed=123, out_dir=None, eval_interval=None, device="cpu", log=print):
     """Supervised fine-tuning of model (changed in place) on the arithmetic task or the
     instruction set, with Chapter 8's train; measured before and after on held-out
     examples, and on what the model knew before (knowledge_scores). Returns a summary."""
@@ -855,8 +881,11 @@ def sft_run(model, tokenizer, task="arithmetic", method="lora", steps=200, batch
         raise ValueError(f"task must be 'arithmetic' or 'instructions', got {task!r}")
     tokens = {name: tokenize_examples(tokenizer, rows, max_len) for name, rows in splits.items()}
     data = SFTBatches(tokens, packing=packing, row_len=max_len)
-    measure = (lambda m: {"exact_match": exact_match(m, tokenizer, splits["test"], max_new_tokens=8)[0]}
-               ) if task == "arithmetic" else (lambda m: {"response_loss": response_loss(m, data, "test")})
+    measure = (
+        (lambda m: {"exact_match": exact_match(m, tokenizer, splits["test"], max_new_tokens=8)[0]})
+        if task == "arithmetic"
+        else (lambda m: {"response_loss": response_loss(m, data, "test")})
+    )
     before = measure(model) | knowledge_scores(model, tokenizer)
     log(f"before: {before}")
     torch.manual_seed(seed)
@@ -865,21 +894,21 @@ def sft_run(model, tokenizer, task="arithmetic", method="lora", steps=200, batch
     elif method != "full":
         raise ValueError(f"method must be 'lora' or 'full', got {method!r}")
     lr = lr or (2e-3 if method == "lora" else 5e-5)
-    cfg = make_config("tiny", lr=lr, min_lr=lr / 10, max_iters=steps, warmup_iters=max(1, steps // 20),
-                      decay_iters=steps, batch_size=batch_size, weight_decay=0.0,
-                      eval_interval=eval_interval or max(1, steps // 4), eval_iters=0, out_dir=out_dir,
-                      save_frozen=False, device=device, precision="fp32", seed=seed, progress=out_dir is not None,
-                      fused_adamw=True)
+    cfg = make_config("tiny", lr=lr, min_lr=lr / 10, max_iters=steps,
+                      warmup_iters=max(1, steps // 20), decay_iters=steps, batch_size=batch_size,
+                      weight_decay=0.0, eval_interval=eval_interval or max(1, steps // 4),
+                      eval_iters=0, out_dir=out_dir, save_frozen=False, device=device,
+                      precision="fp32", seed=seed, progress=out_dir is not None, fused_adamw=True)
     tick = time.perf_counter()
     history = train(cfg, model, data, loss_fn=packed_loss if packing else next_token_loss, log=log)
     seconds = time.perf_counter() - tick
     after = measure(model) | knowledge_scores(model, tokenizer)
     log(f"after: {after}")
     n_trainable, n_total = count_parameters(model)
-    return dict(task=task, method=method, steps=steps, batch_size=batch_size, lr=lr, packing=packing,
-                before=before, after=after, train_seconds=seconds, seconds_per_step=seconds / steps,
-                trainable_params=n_trainable, total_params=n_total, training_mb=training_bytes(model) / 1e6,
-                history=history)
+    return dict(task=task, method=method, steps=steps, batch_size=batch_size, lr=lr,
+                packing=packing, before=before, after=after, train_seconds=seconds,
+                seconds_per_step=seconds / steps, trainable_params=n_trainable,
+                total_params=n_total, training_mb=training_bytes(model) / 1e6, history=history)
 # --8<-- [end:runs]
 
 
@@ -889,33 +918,39 @@ def sft_run(model, tokenizer, task="arithmetic", method="lora", steps=200, batch
 
 # --8<-- [start:cli]
 ABLATION = [  # (trainable, pooling, weights): the rows that cache their frozen bottom come first
-    ("last-block", "last", "pretrained"), ("head", "last", "pretrained"), ("last-block", "mean", "pretrained"),
-    ("last-block", "last", "random"), ("lora", "last", "pretrained"), ("all", "last", "pretrained"),
+    ("last-block", "last", "pretrained"), ("head", "last", "pretrained"),
+    ("last-block", "mean", "pretrained"), ("last-block", "last", "random"),
+    ("lora", "last", "pretrained"), ("all", "last", "pretrained"),
 ]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Fine-tune SmolLM2-135M-Instruct with Chapter 8's train.",
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description="Fine-tune SmolLM2-135M-Instruct with Chapter 8's train.", allow_abbrev=False)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
-    classify = commands.add_parser("classify", help="a spam classifier, with its baselines", allow_abbrev=False)
+    classify = commands.add_parser("classify", help="a spam classifier, with its baselines",
+                                   allow_abbrev=False)
     classify.add_argument("--trainable", choices=TRAINABLE, default="last-block")
     classify.add_argument("--pooling", choices=sorted(POOLINGS), default="last")
     classify.add_argument("--weights", choices=("pretrained", "random"), default="pretrained")
-    classify.add_argument("--ablation", action="store_true", help="every row of the chapter's table, and baselines")
+    classify.add_argument("--ablation", action="store_true",
+                          help="every row of the chapter's table, and baselines")
     classify.add_argument("--epochs", type=float, default=1)
     classify.add_argument("--max-full-iters", type=int, default=None,
-                          help="at most this many iterations for the rows that run the whole model (all, lora); "
-                               "0 leaves those rows out of --ablation")
-    classify.add_argument("--limit", type=int, default=None, help="use only the first N messages of each split")
-    sft = commands.add_parser("sft", help="supervised fine-tuning on chat examples", allow_abbrev=False)
+                          help="at most this many iterations for the rows that run the whole "
+                               "model (all, lora); 0 leaves those rows out of --ablation")
+    classify.add_argument("--limit", type=int, default=None,
+                          help="use only the first N messages of each split")
+    sft = commands.add_parser("sft", help="supervised fine-tuning on chat examples",
+                              allow_abbrev=False)
     sft.add_argument("--task", choices=("arithmetic", "instructions"), default="arithmetic")
     sft.add_argument("--method", choices=("lora", "full"), default="lora")
     sft.add_argument("--steps", type=int, default=200)
     sft.add_argument("--lora-rank", type=int, default=8)
     sft.add_argument("--lora-alpha", type=float, default=16)
-    sft.add_argument("--packing", action="store_true", help="pack examples into rows instead of padding")
+    sft.add_argument("--packing", action="store_true",
+                     help="pack examples into rows instead of padding")
     sft.add_argument("--n-train", type=int, default=2000, help="arithmetic problems to train on")
     sft.add_argument("--n-test", type=int, default=100, help="held-out arithmetic problems")
     for command in (classify, sft):
@@ -923,8 +958,10 @@ def parse_args(argv=None):
         command.add_argument("--lr", type=float, default=None, help="default: by method")
         command.add_argument("--seed", type=int, default=123)
         command.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-        command.add_argument("--out-dir", default=None, help="checkpoints (resumable) and the saved weights")
-        command.add_argument("--summary", default=None, help="write the run's figures and history to this JSON file")
+        command.add_argument("--out-dir", default=None,
+                             help="checkpoints (resumable) and the saved weights")
+        command.add_argument("--summary", default=None,
+                             help="write the run's figures and history to this JSON file")
     return parser.parse_args(argv)
 
 
@@ -946,30 +983,37 @@ def classify_command(args):
         start = first_trained_block(trainable, n)
         if args.ablation and not start and args.max_full_iters == 0:
             continue
-        if args.ablation and not start and "zero_shot" not in summary:  # the baselines before the slow rows
+        # the baselines before the slow rows
+        if args.ablation and not start and "zero_shot" not in summary:
             summary |= baselines(pretrained, tokenizer, splits)
-            print(f"baselines: bag of words {summary['bag_of_words']['test_accuracy']:.1%}, zero-shot "
-                  f"{summary['zero_shot']['test_accuracy']:.1%} (calibrated on val: "
+            print(f"baselines: bag of words {summary['bag_of_words']['test_accuracy']:.1%}, "
+                  f"zero-shot {summary['zero_shot']['test_accuracy']:.1%} (calibrated on val: "
                   f"{summary['zero_shot']['calibrated_test_accuracy']:.1%})", flush=True)
         if weights not in cached:
             torch.manual_seed(args.seed)  # random weights: the same architecture, fresh weights
             cached[weights] = {"model": pretrained if weights == "pretrained"
                                else type(pretrained)(pretrained.config).to(args.device)}
         base = cached[weights]["model"]
-        if start and start not in cached[weights]:  # the frozen bottom, run once per kind of weights
+        # the frozen bottom, run once per kind of weights
+        if start and start not in cached[weights]:
             tick = time.perf_counter()
             states = classifier_inputs(base, tokenizer, splits, n - 1)
-            cached[weights] |= {n - 1: states, n: {k: hidden_states(base, v, n, start=n - 1) for k, v in states.items()},
+            cached[weights] |= {n - 1: states,
+                                n: {k: hidden_states(base, v, n, start=n - 1)
+                                    for k, v in states.items()},
                                 "seconds": time.perf_counter() - tick}
         out_dir = f"{args.out_dir}/{trainable}-{pooling}-{weights}" if args.out_dir else None
-        row, _ = classifier_run(copy.deepcopy(base), tokenizer, splits, trainable, pooling, args.epochs,
-                                args.batch_size, args.lr, cached[weights].get(start), args.seed, out_dir,
-                                evaluations=4 if start else 1, max_iters=None if start else args.max_full_iters,
+        row, _ = classifier_run(copy.deepcopy(base), tokenizer, splits, trainable, pooling,
+                                args.epochs, args.batch_size, args.lr, cached[weights].get(start),
+                                args.seed, out_dir, evaluations=4 if start else 1,
+                                max_iters=None if start else args.max_full_iters,
                                 device=args.device)
-        row.update(weights=weights, peak_mb=peak_memory_mb(), cache_seconds=cached[weights]["seconds"] if start else 0)
+        row.update(weights=weights, peak_mb=peak_memory_mb(),
+                   cache_seconds=cached[weights]["seconds"] if start else 0)
         print(f"{trainable:10} {pooling:4} {weights:10} test accuracy {row['test_accuracy']:.1%} "
-              f"(val {row['val_accuracy']:.1%}), {row['seconds']:.0f} s (+{row['cache_seconds']:.0f} s of "
-              f"cached states), {row['trainable_params']:,} trained parameters", flush=True)
+              f"(val {row['val_accuracy']:.1%}), {row['seconds']:.0f} s "
+              f"(+{row['cache_seconds']:.0f} s of cached states), "
+              f"{row['trainable_params']:,} trained parameters", flush=True)
         summary["rows"].append(row)
         write_summary(summary, args.summary)
     if args.ablation and "zero_shot" not in summary:
@@ -985,11 +1029,16 @@ def baselines(model, tokenizer, splits):
     scores, _, vocabulary = bag_of_words_baseline(splits, log=lambda s: None)
     bow = dict(scores, vocabulary=len(vocabulary), seconds=time.perf_counter() - tick)
     tick = time.perf_counter()
-    odds = {name: zero_shot_log_odds(model, tokenizer, [t for t, _ in splits[name]]) for name in ("val", "test")}
+    odds = {
+        name: zero_shot_log_odds(model, tokenizer, [t for t, _ in splits[name]])
+        for name in ("val", "test")
+    }
     labels = {name: torch.tensor([y for _, y in splits[name]]) for name in ("val", "test")}
-    acc = lambda name, threshold: ((odds[name] > threshold).long() == labels[name]).float().mean().item()  # noqa: E731
+    acc = lambda name, threshold: (((odds[name] > threshold).long() == labels[name])  # noqa: E731
+                                   .float().mean().item())
     threshold = max(odds["val"].tolist(), key=lambda t: acc("val", t - 1e-6)) - 1e-6
-    zero_shot = {"test_accuracy": acc("test", 0.0), "predicted_spam": (odds["test"] > 0).float().mean().item(),
+    zero_shot = {"test_accuracy": acc("test", 0.0),
+                 "predicted_spam": (odds["test"] > 0).float().mean().item(),
                  "threshold": threshold, "calibrated_test_accuracy": acc("test", threshold),
                  "seconds": time.perf_counter() - tick}
     return {"bag_of_words": bow, "zero_shot": zero_shot}
@@ -997,12 +1046,13 @@ def baselines(model, tokenizer, splits):
 
 def sft_command(args):
     model, tokenizer = load_smollm2(device=args.device)
-    summary = sft_run(model, tokenizer, args.task, args.method, args.steps, args.batch_size, args.lr, args.lora_rank,
-                      args.lora_alpha, args.packing, n_train=args.n_train, n_test=args.n_test, seed=args.seed, out_dir=args.out_dir,
-                      device=args.device)
+    summary = sft_run(model, tokenizer, args.task, args.method, args.steps, args.batch_size,
+                      args.lr, args.lora_rank, args.lora_alpha, args.packing, n_train=args.n_train,
+                      n_test=args.n_test, seed=args.seed, out_dir=args.out_dir, device=args.device)
     summary["peak_mb"] = peak_memory_mb()
     if args.out_dir:
-        path = save_finetuned(model, Path(args.out_dir) / "model.safetensors", task=args.task, method=args.method)
+        path = save_finetuned(model, Path(args.out_dir) / "model.safetensors", task=args.task,
+                              method=args.method)
         print(f"saved the fine-tuned weights to {path}; chat with them:\n"
               f"    python code/ch12_pretrained.py chat --checkpoint {path}")
     print(f"{args.task} {args.method}: before {summary['before']}\n after {summary['after']}\n"
@@ -1023,8 +1073,8 @@ def check_positive(args, names):
 def main(argv=None):
     """The command line. Errors are exceptions: run_command prints them in one line."""
     args = parse_args(argv)
-    check_positive(args, ["epochs", "limit", "steps", "lora_rank", "lora_alpha", "n_train", "n_test",
-                          "batch_size", "lr"])
+    check_positive(args, ["epochs", "limit", "steps", "lora_rank", "lora_alpha", "n_train",
+                          "n_test", "batch_size", "lr"])
     (classify_command if args.command == "classify" else sft_command)(args)
     return 0
 # --8<-- [end:cli]
@@ -1045,11 +1095,13 @@ def plot_classification(path=DATA_DIR / "ch13_classification.json"):
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(rows) + 1.4))
     ax.barh(range(len(rows)), [100 * r["test_accuracy"] for r in rows], color="tab:blue")
     for i, r in enumerate(rows):
-        ax.text(100 * r["test_accuracy"] + 0.5, i, f"{100 * r['test_accuracy']:.1f}%", va="center", fontsize=8)
+        ax.text(100 * r["test_accuracy"] + 0.5, i, f"{100 * r['test_accuracy']:.1f}%", va="center",
+                fontsize=8)
     for name, style in (("bag_of_words", "--"), ("zero_shot", ":")):
         if name in summary:
             value = 100 * summary[name]["test_accuracy"]
-            ax.axvline(value, color="black", ls=style, lw=1, label=f"{name.replace('_', ' ')}: {value:.1f}%")
+            ax.axvline(value, color="black", ls=style, lw=1,
+                       label=f"{name.replace('_', ' ')}: {value:.1f}%")
     ax.axvline(50, color="gray", lw=0.8, label="chance: 50%")
     ax.set(yticks=range(len(rows)), yticklabels=labels, xlim=(0, 108), xlabel="test accuracy (%)")
     ax.invert_yaxis()
@@ -1058,7 +1110,8 @@ def plot_classification(path=DATA_DIR / "ch13_classification.json"):
     return fig
 
 
-def plot_sft_losses(paths=(DATA_DIR / "ch13_sft_arithmetic_lora.json", DATA_DIR / "ch13_sft_arithmetic_full.json",
+def plot_sft_losses(paths=(DATA_DIR / "ch13_sft_arithmetic_lora.json",
+                           DATA_DIR / "ch13_sft_arithmetic_full.json",
                            DATA_DIR / "ch13_sft_instructions_lora.json")):
     """The training loss (response tokens only) of the SFT runs, per iteration."""
     import matplotlib.pyplot as plt
