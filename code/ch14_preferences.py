@@ -15,8 +15,10 @@ instead of by answers to copy. This module builds, on Chapter 13's checkable ari
   trained by Chapter 8's ``train`` with a source of batches that samples from the policy;
 - command lines for each run, whose weights Chapter 12's chat command loads:
 
-    .venv/bin/python code/ch14_preferences.py dpo --init runs/ch14/sft/model.safetensors --out-dir runs/ch14/dpo
-    .venv/bin/python code/ch14_preferences.py grpo --init runs/ch14/sft/model.safetensors --out-dir runs/ch14/grpo
+    .venv/bin/python code/ch14_preferences.py dpo --init runs/ch14/sft/model.safetensors \\
+        --out-dir runs/ch14/dpo
+    .venv/bin/python code/ch14_preferences.py grpo --init runs/ch14/sft/model.safetensors \\
+        --out-dir runs/ch14/grpo
     .venv/bin/python code/ch14_preferences.py reward --init runs/ch14/sft/model.safetensors
 
 Depends on torch, the standard library and chapters 2, 6, 8, 9, 10, 12 and 13. safetensors
@@ -26,7 +28,8 @@ they are used.
 Shapes: B batch (rows), T sequence length, V vocabulary, G answers per prompt (a group),
 C model width.
 
-Needs: ch02_tokenizer, ch03_embeddings, ch04_attention, ch05_block, ch06_gpt, ch08_training, ch09_generation, ch10_evaluation, ch12_pretrained, ch13_finetuning.
+Needs: ch02_tokenizer, ch03_embeddings, ch04_attention, ch05_block, ch06_gpt, ch08_training,
+ch09_generation, ch10_evaluation, ch12_pretrained, ch13_finetuning.
 """
 
 # --8<-- [start:imports]
@@ -50,9 +53,9 @@ from ch09_generation import generate, left_pad
 from ch10_evaluation import evaluating, pad_right, token_logprobs
 from ch12_pretrained import load_smollm2
 from ch13_finetuning import (GPTClassifier, SFTBatches, add_lora, arithmetic_examples, chat_prompt,
-                             check_answer, check_positive, count_parameters, finetuned_weights, hidden_states,
-                             knowledge_scores, peak_memory_mb, response_ids, save_weights,
-                             write_summary)
+                             check_answer, check_positive, count_parameters, finetuned_weights,
+                             hidden_states, knowledge_scores, peak_memory_mb, response_ids,
+                             save_weights, write_summary)
 # --8<-- [end:imports]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "docs" / "data"  # stored run histories
@@ -109,7 +112,8 @@ def char_examples(n, split="train", seed=0, digits=2):
     arithmetic_examples (one draw holds at most a twentieth of all problems)."""
     seen, out = set(), []
     for s in range(100):
-        for e in arithmetic_examples(min(n, (9 * 10 ** (digits - 1)) ** 2 // 20), split, f"{seed}-{s}", digits):
+        for e in arithmetic_examples(min(n, (9 * 10 ** (digits - 1)) ** 2 // 20), split,
+                                     f"{seed}-{s}", digits):
             if e["instruction"] not in seen:
                 seen.add(e["instruction"])
                 out.append(e)
@@ -130,7 +134,8 @@ def pack_completions(prompts, completions, pad_id=0, device=None):
     if any(len(p) == 0 or len(c) == 0 for p, c in zip(prompts, completions)):
         raise ValueError("every prompt and every completion needs at least one token")
     ids = pad_right([torch.tensor(list(p) + list(c)) for p, c in zip(prompts, completions)], pad_id)
-    mask = pad_right([torch.tensor([0] * len(p) + [1] * len(c)) for p, c in zip(prompts, completions)], 0)
+    mask = pad_right([torch.tensor([0] * len(p) + [1] * len(c))
+                      for p, c in zip(prompts, completions)], 0)
     return ids.to(device), mask.bool().to(device)
 
 
@@ -243,8 +248,8 @@ class PreferenceBatches:
     def __init__(self, splits, reference, pad_id=0, average=False, batch_size=16):
         empty = [name for name, rows in splits.items() if not rows]
         if empty:
-            raise ValueError(f"no preference pairs in {empty}: no prompt got both a correct and an incorrect answer; "
-                             "sample more prompts or more answers per prompt")
+            raise ValueError(f"no preference pairs in {empty}: no prompt got both a correct and "
+                             "an incorrect answer; sample more prompts or more answers per prompt")
         self.splits, self.pad_id, self.average = splits, pad_id, average
         device = next(reference.parameters()).device
         self.reference = {}
@@ -253,7 +258,8 @@ class PreferenceBatches:
                 logps = [sequence_logprobs(reference, ids, mask, average) for ids, mask, _ in
                          self.in_order(name, batch_size, device, with_reference=False)]
                 chosen, rejected = zip(*[lp.chunk(2) for lp in logps])
-                self.reference[name] = torch.stack([torch.cat(chosen), torch.cat(rejected)], dim=1).cpu()  # (N, 2)
+                self.reference[name] = torch.stack([torch.cat(chosen), torch.cat(rejected)],
+                                                   dim=1).cpu()  # (N, 2)
 
     def get_batch(self, split, batch_size, generator, device="cpu"):
         rows = torch.randint(len(self.splits[split]), (batch_size,), generator=generator).tolist()
@@ -262,7 +268,8 @@ class PreferenceBatches:
     def in_order(self, split, batch_size, device="cpu", with_reference=True):
         n = len(self.splits[split])
         for start in range(0, n, batch_size):
-            yield self.collate(split, list(range(start, min(start + batch_size, n))), device, with_reference)
+            yield self.collate(split, list(range(start, min(start + batch_size, n))), device,
+                               with_reference)
 
     def collate(self, split, rows, device, with_reference=True):
         triples = [self.splits[split][i] for i in rows]
@@ -271,7 +278,8 @@ class PreferenceBatches:
         ids, mask = pack_completions(prompts, answers, self.pad_id, device)
         ref = None
         if with_reference:
-            ref = torch.cat([self.reference[split][rows, 0], self.reference[split][rows, 1]]).to(device)
+            ref = torch.cat([self.reference[split][rows, 0],
+                             self.reference[split][rows, 1]]).to(device)
         return ids, mask, ref
 
 
@@ -309,8 +317,8 @@ def preference_metrics(model, data, split, beta=0.1, batch_size=16):
 
 # --8<-- [start:sampling]
 @torch.no_grad()
-def sample_answers(model, task, examples, n_samples, max_new_tokens=8, temperature=1.0, generator=None,
-                   batch_size=64):
+def sample_answers(model, task, examples, n_samples, max_new_tokens=8, temperature=1.0,
+                   generator=None, batch_size=64):
     """n_samples answers to each example's prompt, drawn by Chapter 9's generate (KV cache,
     prompts padded on the left, one batch for many rows). Returns, per example, a list of
     n_samples token-id lists, each cut after the end token (kept: the model must learn to
@@ -350,7 +358,8 @@ def preference_pairs(task, examples, answers, rewards, pairs_per_prompt=1, seed=
 
 def greedy_accuracy(model, task, examples, max_new_tokens=8, batch_size=64):
     """The fraction of examples whose greedy answer the verifier accepts."""
-    answers = sample_answers(model, task, examples, 1, max_new_tokens, temperature=0, batch_size=batch_size)
+    answers = sample_answers(model, task, examples, 1, max_new_tokens, temperature=0,
+                             batch_size=batch_size)
     return sum(r[0] for r in score_answers(task, examples, answers)) / len(examples)
 # --8<-- [end:sampling]
 
@@ -376,10 +385,13 @@ def group_advantages(rewards, group_size, eps=1e-4):
     deviation (with Bessel's correction, as torch.std) plus eps. A group whose answers all
     got the same reward gets advantages of 0: it teaches nothing."""
     if rewards.dim() != 1 or len(rewards) % group_size or group_size < 2:
-        raise ValueError(f"rewards must be (N * G,) with G = group_size >= 2, got {tuple(rewards.shape)} and "
-                         f"group_size {group_size}")
+        raise ValueError(
+            f"rewards must be (N * G,) with G = group_size >= 2, got {tuple(rewards.shape)} and "
+            f"group_size {group_size}"
+        )
     groups = rewards.view(-1, group_size)  # (N, G)
-    advantages = (groups - groups.mean(dim=1, keepdim=True)) / (groups.std(dim=1, keepdim=True) + eps)
+    advantages = ((groups - groups.mean(dim=1, keepdim=True))
+                  / (groups.std(dim=1, keepdim=True) + eps))
     return advantages.view(-1)
 # --8<-- [end:exercise-2]
 
@@ -420,7 +432,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0
     per_token = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
     if beta:
         per_token = per_token + beta * kl_k3(logp, ref_logp)
-    per_token = per_token.masked_fill(~mask, 0.0)  # masked_fill, not *: a NaN off the mask stays out
+    # masked_fill, not *: a NaN off the mask stays out
+    per_token = per_token.masked_fill(~mask, 0.0)
     return (per_token.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)).mean()
 # --8<-- [end:exercise-3]
 
@@ -441,18 +454,21 @@ class Rollouts:
     self.stats[-1] describes the last batch sampled: its mean reward, mean answer length
     (tokens) and the fraction of groups whose rewards were all equal (no signal)."""
 
-    def __init__(self, policy, task, examples, reference=None, group_size=8, max_new_tokens=8, temperature=1.0,
-                 updates_per_batch=1, pad_id=0):
+    def __init__(self, policy, task, examples, reference=None, group_size=8, max_new_tokens=8,
+                 temperature=1.0, updates_per_batch=1, pad_id=0):
         if group_size < 2:
-            raise ValueError("GRPO compares answers to the same prompt: group_size must be at least 2")
+            raise ValueError(
+                "GRPO compares answers to the same prompt: group_size must be at least 2")
         self.policy, self.task, self.examples, self.reference = policy, task, examples, reference
-        self.group_size, self.max_new_tokens, self.temperature = group_size, max_new_tokens, temperature
+        self.group_size, self.max_new_tokens, self.temperature = (group_size, max_new_tokens,
+                                                                  temperature)
         self.updates_per_batch, self.pad_id = updates_per_batch, pad_id
         self.batch, self.served, self.stats = None, 0, []
 
     def get_batch(self, split, batch_size, generator, device="cpu"):
         if split != "train":
-            raise ValueError("rollouts are sampled for training only: call train() with eval_iters=0")
+            raise ValueError(
+                "rollouts are sampled for training only: call train() with eval_iters=0")
         if self.batch is None or self.served == self.updates_per_batch:
             self.batch, self.served = self.sample(batch_size, generator, device), 0
         self.served += 1
@@ -461,10 +477,11 @@ class Rollouts:
     def sample(self, batch_size, generator, device):
         rows = torch.randint(len(self.examples), (batch_size,), generator=generator).tolist()
         examples = [self.examples[i] for i in rows]
-        seed = torch.randint(2**62, (1,), generator=generator).item()  # sampling, reproducible and resumable
+        # sampling, reproducible and resumable
+        seed = torch.randint(2**62, (1,), generator=generator).item()
         sampler = torch.Generator(device=device).manual_seed(seed)
-        answers = sample_answers(self.policy, self.task, examples, self.group_size, self.max_new_tokens,
-                                 self.temperature, sampler)
+        answers = sample_answers(self.policy, self.task, examples, self.group_size,
+                                 self.max_new_tokens, self.temperature, sampler)
         rewards = torch.tensor(score_answers(self.task, examples, answers))  # (N, G)
         advantages = group_advantages(rewards.view(-1), self.group_size)
         flat = [a for group in answers for a in group]
@@ -477,7 +494,8 @@ class Rollouts:
                     old = completion_logprobs(self.policy, ids, mask)
             if self.reference is not None:
                 ref = completion_logprobs(self.reference, ids, mask)
-        self.stats.append({"reward": rewards.mean().item(), "length": sum(map(len, flat)) / len(flat),
+        self.stats.append({"reward": rewards.mean().item(),
+                           "length": sum(map(len, flat)) / len(flat),
                            "no_signal": (rewards.std(dim=1) == 0).float().mean().item()})
         return ids, mask, advantages.to(device), old, ref
 
@@ -500,11 +518,11 @@ def grpo_batch_loss(model, batch, clip_eps=0.2, beta=0.04):
 def train_config(steps, batch_size, lr, out_dir=None, eval_interval=None, seed=123, device="cpu"):
     """Chapter 8's settings for a fine-tuning run: warmup, cosine decay to lr / 10, no weight
     decay, no validation loss (the metrics come from `evaluate`)."""
-    return make_config("tiny", lr=lr, min_lr=lr / 10, max_iters=steps, warmup_iters=max(1, steps // 20),
-                       decay_iters=steps, batch_size=batch_size, weight_decay=0.0,
-                       eval_interval=eval_interval or max(1, steps // 4), eval_iters=0, out_dir=out_dir,
-                       save_frozen=False, device=device, precision="fp32", seed=seed,
-                       progress=out_dir is not None, fused_adamw=True)
+    return make_config("tiny", lr=lr, min_lr=lr / 10, max_iters=steps,
+                       warmup_iters=max(1, steps // 20), decay_iters=steps, batch_size=batch_size,
+                       weight_decay=0.0, eval_interval=eval_interval or max(1, steps // 4),
+                       eval_iters=0, out_dir=out_dir, save_frozen=False, device=device,
+                       precision="fp32", seed=seed, progress=out_dir is not None, fused_adamw=True)
 
 
 def prepare_policy(model, method="lora", lora_rank=8, lora_alpha=16, seed=123):
@@ -527,22 +545,26 @@ def collect_pairs(model, task, examples, n_samples=4, max_new_tokens=8, temperat
     verifier, a correct one paired with an incorrect one; a tenth of the problems' pairs held
     out. Returns ({"train": triples, "val": triples}, statistics of the samples)."""
     tick = time.perf_counter()
-    answers = sample_answers(model, task, examples, n_samples, max_new_tokens, temperature,
-                             torch.Generator(device=next(model.parameters()).device).manual_seed(seed))
+    answers = sample_answers(
+        model, task, examples, n_samples, max_new_tokens, temperature,
+        torch.Generator(device=next(model.parameters()).device).manual_seed(seed))
     rewards = score_answers(task, examples, answers)
     n_val = max(1, round(val_fraction * len(examples)))
-    splits = {"train": preference_pairs(task, examples[n_val:], answers[n_val:], rewards[n_val:], seed=seed),
-              "val": preference_pairs(task, examples[:n_val], answers[:n_val], rewards[:n_val], seed=seed)}
+    splits = {"train": preference_pairs(task, examples[n_val:], answers[n_val:], rewards[n_val:],
+                                        seed=seed),
+              "val": preference_pairs(task, examples[:n_val], answers[:n_val], rewards[:n_val],
+                                      seed=seed)}
     flat = [r for group in rewards for r in group]
-    stats = {"problems": len(examples), "samples": len(flat), "sample_accuracy": sum(flat) / len(flat),
+    stats = {"problems": len(examples), "samples": len(flat),
+             "sample_accuracy": sum(flat) / len(flat),
              "mixed_groups": sum(0 < sum(g) < len(g) for g in rewards) / len(rewards),
              "train_pairs": len(splits["train"]), "val_pairs": len(splits["val"]),
              "seconds": time.perf_counter() - tick}
     return splits, stats
 
 
-def dpo_run(model, task, pairs, beta=0.1, steps=20, batch_size=8, lr=1e-4, method="lora", average=False,
-            out_dir=None, seed=123, log=print):
+def dpo_run(model, task, pairs, beta=0.1, steps=20, batch_size=8, lr=1e-4, method="lora",
+            average=False, out_dir=None, seed=123, log=print):
     """DPO on preference pairs ({"train", "val"} triples), changing model in place, with
     Chapter 8's train; the implicit-reward metrics of the held-out pairs are tracked.
     Returns the history, the metrics before and after, and the training time."""
@@ -551,18 +573,20 @@ def dpo_run(model, task, pairs, beta=0.1, steps=20, batch_size=8, lr=1e-4, metho
     del reference  # its log-probabilities are in data: the copy can go
     measure = functools.partial(preference_metrics, data=data, split="val", beta=beta)
     before = measure(model)
-    cfg = train_config(steps, batch_size, lr, out_dir, seed=seed, device=next(model.parameters()).device.type)
+    cfg = train_config(steps, batch_size, lr, out_dir, seed=seed,
+                       device=next(model.parameters()).device.type)
     tick = time.perf_counter()
-    history = train(cfg, model, data, loss_fn=functools.partial(dpo_batch_loss, beta=beta, average=average),
+    history = train(cfg, model, data,
+                    loss_fn=functools.partial(dpo_batch_loss, beta=beta, average=average),
                     evaluate=measure, log=log)
     return {"history": history, "pairs_before": before, "pairs_after": measure(model),
-            "train_seconds": time.perf_counter() - tick, "beta": beta, "steps": steps, "batch_size": batch_size,
-            "lr": lr, "method": method}
+            "train_seconds": time.perf_counter() - tick, "beta": beta, "steps": steps,
+            "batch_size": batch_size, "lr": lr, "method": method}
 
 
-def grpo_run(model, task, examples, steps=20, prompts_per_step=4, group_size=8, lr=1e-4, beta=0.04, clip_eps=0.2,
-             max_new_tokens=8, temperature=1.0, updates_per_batch=1, method="lora", out_dir=None, seed=123,
-             log=print):
+def grpo_run(model, task, examples, steps=20, prompts_per_step=4, group_size=8, lr=1e-4, beta=0.04,
+             clip_eps=0.2, max_new_tokens=8, temperature=1.0, updates_per_batch=1, method="lora",
+             out_dir=None, seed=123, log=print):
     """GRPO on the training problems, changing model in place, with Chapter 8's train: the
     reward and the answer length of every step are recorded (history["metrics"])."""
     reference = prepare_policy(model, method, seed=seed)
@@ -572,12 +596,13 @@ def grpo_run(model, task, examples, steps=20, prompts_per_step=4, group_size=8, 
     cfg = train_config(steps, prompts_per_step, lr, out_dir, eval_interval=1, seed=seed,
                        device=next(model.parameters()).device.type)
     tick = time.perf_counter()
-    history = train(cfg, model, rollouts, loss_fn=functools.partial(grpo_batch_loss, clip_eps=clip_eps, beta=beta),
+    history = train(cfg, model, rollouts,
+                    loss_fn=functools.partial(grpo_batch_loss, clip_eps=clip_eps, beta=beta),
                     evaluate=lambda m: rollouts.stats[-1], log=log)
     return {"history": history, "train_seconds": time.perf_counter() - tick, "steps": steps,
             "prompts_per_step": prompts_per_step, "group_size": group_size, "lr": lr, "beta": beta,
-            "clip_eps": clip_eps, "temperature": temperature, "updates_per_batch": updates_per_batch,
-            "method": method}
+            "clip_eps": clip_eps, "temperature": temperature,
+            "updates_per_batch": updates_per_batch, "method": method}
 
 
 def sft_char_model(task, examples, steps=1500, batch_size=64, lr=3e-3, seed=0, **model_settings):
@@ -585,13 +610,14 @@ def sft_char_model(task, examples, steps=1500, batch_size=64, lr=3e-3, seed=0, *
     SFTBatches: the loss only on the answers), the starting point of the chapter's small
     runs. Returns (model in eval mode, training seconds)."""
     rows = [(task.prompt(e), task.answer(e)) for e in examples]
-    config = GPTConfig(**{**dict(vocab_size=task.tokenizer.vocab_size, block_size=16, n_layer=2, n_head=4,
-                                 d_model=128, positions="rope", mlp="relu", bias=False), **model_settings})
+    config = GPTConfig(**{**dict(vocab_size=task.tokenizer.vocab_size, block_size=16, n_layer=2,
+                                 n_head=4, d_model=128, positions="rope", mlp="relu", bias=False),
+                          **model_settings})
     torch.manual_seed(seed)
     model = GPT(config)
-    cfg = make_config("tiny", lr=lr, min_lr=lr / 10, max_iters=steps, warmup_iters=steps // 20, decay_iters=steps,
-                      batch_size=batch_size, eval_iters=0, eval_interval=steps, out_dir=None, device="cpu",
-                      precision="fp32", seed=seed, weight_decay=0.0)
+    cfg = make_config("tiny", lr=lr, min_lr=lr / 10, max_iters=steps, warmup_iters=steps // 20,
+                      decay_iters=steps, batch_size=batch_size, eval_iters=0, eval_interval=steps,
+                      out_dir=None, device="cpu", precision="fp32", seed=seed, weight_decay=0.0)
     tick = time.perf_counter()
     train(cfg, model, SFTBatches({"train": rows}), loss_fn=next_token_loss, log=lambda s: None)
     return model.eval(), time.perf_counter() - tick
@@ -622,14 +648,17 @@ def save_policy(model, path, init=None, **metadata):
 
 # --8<-- [start:cli]
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Preference and reward training of SmolLM2 on the arithmetic task.",
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description="Preference and reward training of SmolLM2 on the arithmetic task.",
+        allow_abbrev=False)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
-    reward = commands.add_parser("reward", help="a reward model trained on on-policy pairs (Bradley-Terry)",
+    reward = commands.add_parser("reward",
+                                 help="a reward model trained on on-policy pairs (Bradley-Terry)",
                                  allow_abbrev=False)
     reward.add_argument("--steps", type=int, default=300)
-    dpo = commands.add_parser("dpo", help="DPO on on-policy pairs scored by the verifier", allow_abbrev=False)
+    dpo = commands.add_parser("dpo", help="DPO on on-policy pairs scored by the verifier",
+                              allow_abbrev=False)
     dpo.add_argument("--beta", type=float, default=0.1)
     dpo.add_argument("--steps", type=int, default=20)
     dpo.add_argument("--average", action="store_true", help="length-normalised log-probabilities")
@@ -642,27 +671,35 @@ def parse_args(argv=None):
     grpo.add_argument("--temperature", type=float, default=1.0)
     for command in (reward, dpo, grpo):
         command.add_argument("--init", default=None,
-                             help="the SFT weights to start from (Chapter 13: runs/.../model.safetensors)")
-        command.add_argument("--batch-size", type=int, default=None, help="pairs (reward, dpo) or prompts (grpo)")
+                             help="the SFT weights to start from "
+                                  "(Chapter 13: runs/.../model.safetensors)")
+        command.add_argument("--batch-size", type=int, default=None,
+                             help="pairs (reward, dpo) or prompts (grpo)")
         command.add_argument("--lr", type=float, default=None)
         command.add_argument("--method", choices=("lora", "full"), default="lora")
         command.add_argument("--n-train", type=int, default=2000, help="training problems")
-        command.add_argument("--n-test", type=int, default=100, help="held-out problems (Chapter 13's test set)")
+        command.add_argument("--n-test", type=int, default=100,
+                             help="held-out problems (Chapter 13's test set)")
         command.add_argument("--seed", type=int, default=123)
-        command.add_argument("--out-dir", default=None, help="checkpoints (resumable) and the saved weights")
-        command.add_argument("--summary", default=None, help="write the run's figures and history to this JSON")
+        command.add_argument("--out-dir", default=None,
+                             help="checkpoints (resumable) and the saved weights")
+        command.add_argument("--summary", default=None,
+                             help="write the run's figures and history to this JSON")
         command.add_argument("--device", default="cpu")
     for command in (reward, dpo):
-        command.add_argument("--prompts", type=int, default=256, help="problems to sample answers for")
+        command.add_argument("--prompts", type=int, default=256,
+                             help="problems to sample answers for")
         command.add_argument("--samples", type=int, default=4, help="answers sampled per problem")
-        command.add_argument("--pairs", default=None, help="a JSON file of pairs: read if it exists, else written")
+        command.add_argument("--pairs", default=None,
+                             help="a JSON file of pairs: read if it exists, else written")
     return parser.parse_args(argv)
 
 
 def held_out(model, task, test, tokenizer):
     """Held-out exact match (greedy) and what the model knew before (Chapter 13)."""
     tick = time.perf_counter()
-    scores = {"exact_match": greedy_accuracy(model, task, test)} | knowledge_scores(model, tokenizer)
+    scores = ({"exact_match": greedy_accuracy(model, task, test)}
+              | knowledge_scores(model, tokenizer))
     return scores | {"seconds": time.perf_counter() - tick}
 
 
@@ -671,7 +708,8 @@ def load_pairs(args, model, task, train_set):
     if args.pairs and Path(args.pairs).exists():
         stored = json.loads(Path(args.pairs).read_text())
         return stored["pairs"], stored["stats"]
-    pairs, stats = collect_pairs(model, task, train_set[:args.prompts], args.samples, seed=args.seed)
+    pairs, stats = collect_pairs(model, task, train_set[:args.prompts], args.samples,
+                                 seed=args.seed)
     print(f"pairs: {stats}", flush=True)
     if args.pairs:
         write_atomically(args.pairs, json.dumps({"pairs": pairs, "stats": stats}).encode())
@@ -690,22 +728,24 @@ def preference_command(args):
         print(f"before: {summary['before']}", flush=True)
     if args.command == "reward":
         pairs, summary["pairs"] = load_pairs(args, model, task, train_set)
-        summary |= reward_run(model, pairs, args.steps, args.batch_size or 16, args.lr or 1e-4, args.seed)
+        summary |= reward_run(model, pairs, args.steps, args.batch_size or 16, args.lr or 1e-4,
+                              args.seed)
         print(f"reward model: held-out pairwise accuracy {summary['val_accuracy']:.1%}")
     elif args.command == "dpo":
         pairs, summary["pairs"] = load_pairs(args, model, task, train_set)
-        summary |= dpo_run(model, task, pairs, args.beta, args.steps, args.batch_size or 8, args.lr or 1e-4,
-                           args.method, args.average, args.out_dir, args.seed)
+        summary |= dpo_run(model, task, pairs, args.beta, args.steps, args.batch_size or 8,
+                           args.lr or 1e-4, args.method, args.average, args.out_dir, args.seed)
     else:
-        summary |= grpo_run(model, task, train_set, args.steps, args.batch_size or 4, args.group_size,
-                            args.lr or 1e-4, args.beta, args.clip, temperature=args.temperature,
-                            updates_per_batch=args.updates_per_batch, method=args.method, out_dir=args.out_dir,
-                            seed=args.seed)
+        summary |= grpo_run(model, task, train_set, args.steps, args.batch_size or 4,
+                            args.group_size, args.lr or 1e-4, args.beta, args.clip,
+                            temperature=args.temperature, updates_per_batch=args.updates_per_batch,
+                            method=args.method, out_dir=args.out_dir, seed=args.seed)
     if args.command in ("dpo", "grpo"):
         summary["after"] = held_out(model, task, test, tokenizer)
         print(f"after: {summary['after']}", flush=True)
         if args.out_dir:
-            path = save_policy(model, Path(args.out_dir) / "model.safetensors", args.init, run=args.command)
+            path = save_policy(model, Path(args.out_dir) / "model.safetensors", args.init,
+                               run=args.command)
             print(f"saved the weights to {path}; chat with them:\n"
                   f"    python code/ch12_pretrained.py chat --checkpoint {path}")
     summary["peak_mb"] = peak_memory_mb()
@@ -735,15 +775,16 @@ def reward_run(gpt, pairs, steps=300, batch_size=16, lr=1e-4, seed=123, log=prin
                     evaluate=lambda m: {"val_accuracy": pairwise_accuracy(m, data, "val")}, log=log)
     trainable, total = count_parameters(model)
     return {"history": history, "train_accuracy": pairwise_accuracy(model, data, "train"),
-            "val_accuracy": pairwise_accuracy(model, data, "val"), "seconds": time.perf_counter() - tick,
-            "trainable_params": trainable, "total_params": total, "steps": steps, "lr": lr}
+            "val_accuracy": pairwise_accuracy(model, data, "val"),
+            "seconds": time.perf_counter() - tick, "trainable_params": trainable,
+            "total_params": total, "steps": steps, "lr": lr}
 
 
 def main(argv=None):
     """The command line. Errors are exceptions: run_command prints them in one line."""
     args = parse_args(argv)
-    check_positive(args, ["steps", "batch_size", "lr", "n_train", "n_test", "group_size", "updates_per_batch",
-                          "clip", "prompts", "samples"])
+    check_positive(args, ["steps", "batch_size", "lr", "n_train", "n_test", "group_size",
+                          "updates_per_batch", "clip", "prompts", "samples"])
     preference_command(args)
     return 0
 # --8<-- [end:cli]
@@ -756,7 +797,8 @@ def main(argv=None):
 def read_run(path):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: it is written by the chapter's command lines (--summary)")
+        raise FileNotFoundError(
+            f"{path} does not exist: it is written by the chapter's command lines (--summary)")
     return json.loads(path.read_text())
 
 
@@ -773,7 +815,8 @@ def plot_grpo_run(path=DATA_DIR / "ch14_grpo.json"):
     smooth = [sum(reward[max(0, i - window + 1):i + 1]) / len(reward[max(0, i - window + 1):i + 1])
               for i in range(len(reward))]
     ax1.plot(steps, smooth, "-", label=f"mean of the last {window}")
-    ax1.set(xlabel="step", ylabel="mean reward of the sampled answers", ylim=(0, 1.02), title="Reward")
+    ax1.set(xlabel="step", ylabel="mean reward of the sampled answers", ylim=(0, 1.02),
+            title="Reward")
     ax1.legend(fontsize=8)
     ax2.plot(steps, [s["length"] for s in stats], ".-")
     ax2.set(xlabel="step", ylabel="tokens per answer", title="Answer length", ylim=(0, None))
@@ -794,7 +837,8 @@ def plot_dpo_run(path=DATA_DIR / "ch14_dpo.json"):
     ax1.legend(fontsize=8)
     points = [[0, run["pairs_before"]]] + history["metrics"]
     steps = [p[0] for p in points]
-    for key, label in (("chosen_reward", "chosen"), ("rejected_reward", "rejected"), ("margin", "margin")):
+    for key, label in (("chosen_reward", "chosen"), ("rejected_reward", "rejected"),
+                       ("margin", "margin")):
         ax2.plot(steps, [p[1][key] for p in points], "o-", label=label)
     ax2.axhline(0, color="0.5", lw=0.8)
     ax2.set(xlabel="step", ylabel="implicit reward (held-out pairs)", title="beta log(pi / pi_ref)")
