@@ -497,3 +497,42 @@ def test_timings_are_masked_and_other_numbers_kept():
 
     text = "trained in 5 s: 105,216 parameters\n(9.5 s, most of it)\npure Python: 3.6 MB/s, 17,000 tokens/s\n2 processes\n"
     assert TIMING.sub("…", text) == "trained in … s: 105,216 parameters\n(… s, most of it)\npure Python: … MB/s, … tokens/s\n2 processes\n"
+
+
+# The site's code column holds 100 characters at 1280 px (.ci/check_site.py checks that it
+# does): longer lines would scroll sideways, in the modules and in the pages' own fences.
+CODE_COLUMN = 100
+CODE_FENCE = re.compile(r"^(?P<indent>\s*)(?:```|~~~)")
+
+
+def overlong_fence_lines(text):
+    """(line number, width) of each line in a fence wider than the code column, measured from
+    the fence's own indentation (a fence inside an admonition is indented by four spaces)."""
+    found, indent = [], None
+    for lineno, line in enumerate(text.split("\n"), 1):
+        match = CODE_FENCE.match(line)
+        if match:
+            indent = None if indent is not None else len(match["indent"])
+        elif indent is not None and len(line) - indent > CODE_COLUMN and "--8<--" not in line:
+            found.append((lineno, len(line) - indent))
+    return found
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda p: p.stem)
+def test_module_lines_fit_the_sites_code_column(module):
+    lines = module.read_text(encoding="utf-8").splitlines()
+    wide = [(n, len(line)) for n, line in enumerate(lines, 1) if len(line) > CODE_COLUMN]
+    assert not wide, f"{module.name}: lines wider than {CODE_COLUMN} columns (line, width): {wide[:10]}"
+
+
+@pytest.mark.parametrize("page", sorted(book_pages.DOCS_DIR.rglob("*.md")),
+                         ids=lambda p: str(p.relative_to(book_pages.DOCS_DIR)))
+def test_page_code_lines_fit_the_sites_code_column(page):
+    wide = overlong_fence_lines(page.read_text(encoding="utf-8"))
+    assert not wide, f"{page.name}: code lines wider than {CODE_COLUMN} columns (line, width): {wide[:10]}"
+
+
+def test_overlong_fence_lines_measures_from_the_fences_indentation():
+    long_line = "x" * (CODE_COLUMN + 1)
+    page = f"text {long_line}\n```python\n{long_line}\n```\n!!! note\n    ```python\n    {'y' * CODE_COLUMN}\n    ```\n"
+    assert overlong_fence_lines(page) == [(3, CODE_COLUMN + 1)]
