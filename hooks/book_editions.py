@@ -82,11 +82,13 @@ def needs_line(module: str) -> str:
 
 
 def declared_needs(docstring: str) -> list[str] | None:
-    """The modules named by a docstring's ``Needs:`` line (None without one)."""
+    """The modules named by a docstring's ``Needs:`` paragraph (None without one); a long
+    list wraps onto the following lines."""
     match = NEEDS_LINE.search(docstring or "")
     if match is None:
         return None
-    names = match["names"].strip()
+    rest = docstring[match.end():].split("\n\n")[0]  # the paragraph's wrapped lines
+    names = " ".join((match["names"] + rest).split())
     return [] if names == NO_NEEDS else [n.strip() for n in names.rstrip(".").split(",")]
 
 
