@@ -853,7 +853,7 @@ def test_the_stored_training_run_is_what_its_function_trains(ch):
 
     run = stored_run("ch08_training.training_run")
     assert run["recipe"] == "tiny" and run["settings"] == ch.TRAINING_RUN
-    assert run["recorded"]["command"] == "python tests/benchmarks/figure_data.py ch08_training.training_run"
+    assert run["recorded"]["command"] == ".venv/bin/python tests/benchmarks/figure_data.py ch08_training.training_run"
     cfg = ch.make_config("tiny", **ch.TRAINING_RUN)
     assert len(run["train"]) == cfg.max_iters and [s for s, _ in run["val"]] == list(range(50, 301, 50))
     vocab = ch.CharTokenizer.from_text(ch.load_corpus(cfg.data)).vocab_size

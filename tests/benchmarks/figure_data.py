@@ -27,7 +27,7 @@ from ch03_embeddings import DATA_DIR, RECORD_COMMAND  # noqa: E402
 from ch08_training import run_command  # noqa: E402
 
 STORED_RUNS = {  # name: what a run of it costs on a 2-core laptop CPU
-    "ch08_training.training_run": "a minute or two",
+    "ch08_training.training_run": "about 10 s",
     "ch03_embeddings.position_experiment": "about 30 s",
     "ch07_transformer.cross_attention": "about 15 s",
     "ch10_evaluation.context_and_stride": "about 30 s",
